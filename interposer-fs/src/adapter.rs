@@ -1,0 +1,843 @@
+//! The one module that speaks fuser: kernel requests in, the layer stack around the
+//! passthrough, kernel replies out.
+//!
+//! Each method builds an [`OpInfo`], runs the passthrough call through [`Stack`], and turns the
+//! `FsResult` into a reply. Nothing else in the crate touches fuser's reply types, which is what
+//! lets layers stay small.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    BackingId, CopyFileRangeFlags, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use parking_lot::Mutex;
+
+use crate::fs::errno::{Errno, FsResult};
+use crate::fs::op::{Caller, Op, OpInfo, Outcome};
+use crate::fs::passthrough::{DirEntry, Entry, Passthrough, SetAttrs, SetTime, Xattr};
+use crate::layers::Stack;
+
+/// How the kernel may cache what we tell it.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheConfig {
+    /// How long the kernel may trust attributes and names without asking again.
+    pub ttl: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            ttl: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The mounted filesystem: passthrough + layers, as fuser sees it.
+pub struct Interposer {
+    fs: Passthrough,
+    stack: Stack,
+    cache: CacheConfig,
+    /// Kernel FUSE passthrough for read/write of regular files (opt-in).
+    kernel_passthrough: bool,
+    /// Backing ids must be shared by all open handles of an inode: node → live id.
+    backing_by_ino: Mutex<HashMap<u64, Weak<BackingId>>>,
+    /// Keeps each handle's backing id alive until release.
+    backing_by_fh: Mutex<HashMap<u64, Arc<BackingId>>>,
+}
+
+/// What a passthrough result tells layers (bytes moved, handle opened).
+trait Measure {
+    fn outcome(&self) -> Outcome {
+        Outcome::default()
+    }
+}
+impl Measure for () {}
+impl Measure for libc::stat {}
+impl Measure for libc::statvfs {}
+impl Measure for Entry {}
+impl Measure for i64 {}
+impl Measure for Xattr {}
+impl Measure for Vec<DirEntry> {}
+/// Data read.
+impl Measure for Vec<u8> {
+    fn outcome(&self) -> Outcome {
+        Outcome {
+            bytes: self.len() as u64,
+            fh: None,
+        }
+    }
+}
+/// Bytes written.
+impl Measure for u32 {
+    fn outcome(&self) -> Outcome {
+        Outcome {
+            bytes: *self as u64,
+            fh: None,
+        }
+    }
+}
+/// A new file handle.
+impl Measure for u64 {
+    fn outcome(&self) -> Outcome {
+        Outcome {
+            bytes: 0,
+            fh: Some(*self),
+        }
+    }
+}
+impl Measure for (Entry, u64) {
+    fn outcome(&self) -> Outcome {
+        Outcome {
+            bytes: 0,
+            fh: Some(self.1),
+        }
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        pid: req.pid(),
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+fn errno(e: Errno) -> fuser::Errno {
+    fuser::Errno::from_i32(e.0)
+}
+
+fn system_time(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+fn file_type(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+/// Kernel attributes for node `ino` from the backing `stat` (fuser uses `attr.ino` as the
+/// node id; see `inodes` for why ids are the backing inode numbers).
+fn to_attr(ino: u64, st: &libc::stat) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: system_time(st.st_atime, st.st_atime_nsec),
+        mtime: system_time(st.st_mtime, st.st_mtime_nsec),
+        ctime: system_time(st.st_ctime, st.st_ctime_nsec),
+        crtime: UNIX_EPOCH,
+        kind: file_type(st.st_mode),
+        perm: (st.st_mode & 0o7777) as u16,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev as u32,
+        blksize: st.st_blksize as u32,
+        flags: 0,
+    }
+}
+
+fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
+    t.map(|t| match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(t) => SetTime::At(t),
+    })
+}
+
+impl Interposer {
+    pub fn new(
+        fs: Passthrough,
+        stack: Stack,
+        cache: CacheConfig,
+        kernel_passthrough: bool,
+    ) -> Self {
+        Interposer {
+            fs,
+            stack,
+            cache,
+            kernel_passthrough,
+            backing_by_ino: Mutex::new(HashMap::new()),
+            backing_by_fh: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Run `f` through the layer stack and give back its typed result.
+    fn run<T: Measure>(&self, info: &OpInfo<'_>, f: impl FnOnce() -> FsResult<T>) -> FsResult<T> {
+        if self.stack.is_empty() {
+            return f();
+        }
+        let mut f = Some(f);
+        let mut out: Option<FsResult<T>> = None;
+        let status = self.stack.call(info, &mut || {
+            // A layer calling `next` twice would be a bug; the second call fails instead of
+            // repeating a side effect.
+            let r = match f.take() {
+                Some(f) => f(),
+                None => Err(Errno::EIO),
+            };
+            let s = r.as_ref().map(Measure::outcome).map_err(|e| *e);
+            out = Some(r);
+            s
+        });
+        match (status, out) {
+            (Err(e), _) => Err(e),
+            (Ok(_), Some(r)) => r,
+            (Ok(_), None) => Err(Errno::EIO),
+        }
+    }
+
+    fn info<'a>(
+        &self,
+        op: Op,
+        req: &Request,
+        ino: u64,
+        resolve: &'a dyn Fn(&OpInfo<'_>) -> (String, Option<String>),
+    ) -> OpInfo<'a> {
+        OpInfo::new(op, caller(req), ino, resolve)
+    }
+
+    fn reply_entry(&self, r: FsResult<Entry>, reply: ReplyEntry) {
+        match r {
+            Ok(e) => reply.entry(&self.cache.ttl, &to_attr(e.ino, &e.attr), Generation(0)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn reply_empty(r: FsResult<()>, reply: ReplyEmpty) {
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn reply_xattr(r: FsResult<Xattr>, reply: ReplyXattr) {
+        match r {
+            Ok(Xattr::Size(n)) => reply.size(n),
+            Ok(Xattr::Data(d)) => reply.data(&d),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    /// Register `fh`'s descriptor as the kernel passthrough backing file of node `ino`,
+    /// sharing one backing id per node as the kernel requires.
+    fn backing_for(
+        &self,
+        ino: u64,
+        fh: u64,
+        open_backing: impl FnOnce(&std::os::fd::OwnedFd) -> std::io::Result<BackingId>,
+    ) -> Option<Arc<BackingId>> {
+        let mut by_ino = self.backing_by_ino.lock();
+        let id = match by_ino.get(&ino).and_then(Weak::upgrade) {
+            Some(id) => id,
+            None => {
+                let file = self.fs.open_file(fh).ok()?;
+                let id = Arc::new(open_backing(&file.fd).ok()?);
+                by_ino.insert(ino, Arc::downgrade(&id));
+                id
+            }
+        };
+        self.backing_by_fh.lock().insert(fh, id.clone());
+        Some(id)
+    }
+
+    fn drop_backing(&self, ino: u64, fh: u64) {
+        if self.backing_by_fh.lock().remove(&fh).is_some() {
+            let mut by_ino = self.backing_by_ino.lock();
+            if by_ino.get(&ino).is_some_and(|w| w.strong_count() == 0) {
+                by_ino.remove(&ino);
+            }
+        }
+    }
+}
+
+impl Filesystem for Interposer {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        if self.kernel_passthrough {
+            config
+                .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
+                .map_err(|_| std::io::Error::other("this kernel has no FUSE passthrough"))?;
+            config
+                .set_max_stack_depth(1)
+                .map_err(|_| std::io::Error::other("FUSE passthrough stack depth refused"))?;
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().child_path(parent.0, name), None);
+        let info = self.info(Op::Lookup, req, parent.0, &resolve);
+        self.reply_entry(self.run(&info, || self.fs.lookup(parent.0, name)), reply);
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().path(ino.0), None);
+        let mut info = self.info(Op::Getattr, req, ino.0, &resolve);
+        info.fh = fh.map(|f| f.0);
+        match self.run(&info, || self.fs.getattr(ino.0, fh.map(|f| f.0))) {
+            Ok(st) => reply.attr(&self.cache.ttl, &to_attr(ino.0, &st)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().path(ino.0), None);
+        let mut info = self.info(Op::Setattr, req, ino.0, &resolve);
+        info.fh = fh.map(|f| f.0);
+        info.size = size;
+        info.flags = mode.map(|m| m as i32);
+        let set = SetAttrs {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: set_time(atime),
+            mtime: set_time(mtime),
+        };
+        let c = caller(req);
+        match self.run(&info, || self.fs.setattr(c, ino.0, fh.map(|f| f.0), set)) {
+            Ok(st) => reply.attr(&self.cache.ttl, &to_attr(ino.0, &st)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().path(ino.0), None);
+        let info = self.info(Op::Readlink, req, ino.0, &resolve);
+        match self.run(&info, || self.fs.readlink(ino.0)) {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().child_path(parent.0, name), None);
+        let info = self
+            .info(Op::Mknod, req, parent.0, &resolve)
+            .with_flags(mode as i32);
+        let c = caller(req);
+        self.reply_entry(
+            self.run(&info, || self.fs.mknod(c, parent.0, name, mode, rdev)),
+            reply,
+        );
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().child_path(parent.0, name), None);
+        let info = self
+            .info(Op::Mkdir, req, parent.0, &resolve)
+            .with_flags(mode as i32);
+        let c = caller(req);
+        self.reply_entry(
+            self.run(&info, || self.fs.mkdir(c, parent.0, name, mode)),
+            reply,
+        );
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().child_path(parent.0, name), None);
+        let info = self.info(Op::Unlink, req, parent.0, &resolve);
+        let c = caller(req);
+        Self::reply_empty(self.run(&info, || self.fs.unlink(c, parent.0, name)), reply);
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().child_path(parent.0, name), None);
+        let info = self.info(Op::Rmdir, req, parent.0, &resolve);
+        let c = caller(req);
+        Self::reply_empty(self.run(&info, || self.fs.rmdir(c, parent.0, name)), reply);
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().child_path(parent.0, link_name), None);
+        let info = self.info(Op::Symlink, req, parent.0, &resolve);
+        let c = caller(req);
+        self.reply_entry(
+            self.run(&info, || self.fs.symlink(c, parent.0, link_name, target)),
+            reply,
+        );
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let resolve = |_: &OpInfo<'_>| {
+            let inodes = self.fs.inodes();
+            (
+                inodes.child_path(parent.0, name),
+                Some(inodes.child_path(newparent.0, newname)),
+            )
+        };
+        let info = self
+            .info(Op::Rename, req, parent.0, &resolve)
+            .with_flags(flags.bits() as i32);
+        let c = caller(req);
+        Self::reply_empty(
+            self.run(&info, || {
+                self.fs
+                    .rename(c, parent.0, name, newparent.0, newname, flags.bits())
+            }),
+            reply,
+        );
+    }
+
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let resolve = |_: &OpInfo<'_>| {
+            let inodes = self.fs.inodes();
+            (
+                inodes.path(ino.0),
+                Some(inodes.child_path(newparent.0, newname)),
+            )
+        };
+        let info = self.info(Op::Link, req, ino.0, &resolve);
+        let c = caller(req);
+        self.reply_entry(
+            self.run(&info, || self.fs.link(c, ino.0, newparent.0, newname)),
+            reply,
+        );
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().path(ino.0), None);
+        let info = self
+            .info(Op::Open, req, ino.0, &resolve)
+            .with_flags(flags.0);
+        match self.run(&info, || self.fs.open(ino.0, flags.0)) {
+            Ok(fh) => {
+                if self.kernel_passthrough {
+                    if let Some(id) = self.backing_for(ino.0, fh, |fd| reply.open_backing(fd)) {
+                        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                        return;
+                    }
+                }
+                reply.opened(FileHandle(fh), FopenFlags::empty())
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn read(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().path(ino.0), None);
+        let info = self
+            .info(Op::Read, req, ino.0, &resolve)
+            .with_fh(fh.0)
+            .with_range(offset, size as u64);
+        match self.run(&info, || self.fs.read(fh.0, offset, size)) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().path(ino.0), None);
+        let info = self
+            .info(Op::Write, req, ino.0, &resolve)
+            .with_fh(fh.0)
+            .with_range(offset, data.len() as u64);
+        match self.run(&info, || self.fs.write(fh.0, offset, data)) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().path(ino.0), None);
+        let info = self.info(Op::Flush, req, ino.0, &resolve).with_fh(fh.0);
+        Self::reply_empty(self.run(&info, || self.fs.flush(fh.0)), reply);
+    }
+
+    fn release(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().path(ino.0), None);
+        let info = self.info(Op::Release, req, ino.0, &resolve).with_fh(fh.0);
+        let r = self.run(&info, || self.fs.release(fh.0));
+        if self.kernel_passthrough {
+            self.drop_backing(ino.0, fh.0);
+        }
+        Self::reply_empty(r, reply);
+    }
+
+    fn fsync(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().path(ino.0), None);
+        let info = self.info(Op::Fsync, req, ino.0, &resolve).with_fh(fh.0);
+        Self::reply_empty(self.run(&info, || self.fs.fsync(fh.0, datasync)), reply);
+    }
+
+    fn opendir(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().path(ino.0), None);
+        let info = self
+            .info(Op::Opendir, req, ino.0, &resolve)
+            .with_flags(flags.0);
+        match self.run(&info, || self.fs.opendir(ino.0)) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().path(ino.0), None);
+        let mut info = self.info(Op::Readdir, req, ino.0, &resolve).with_fh(fh.0);
+        info.offset = Some(offset);
+        match self.run(&info, || self.fs.readdir(fh.0, offset)) {
+            Ok(entries) => {
+                for e in entries {
+                    if reply.add(
+                        INodeNo(e.ino),
+                        e.offset,
+                        file_type(e.kind),
+                        OsStr::from_bytes(&e.name),
+                    ) {
+                        break;
+                    }
+                }
+                reply.ok()
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().path(ino.0), None);
+        let info = self
+            .info(Op::Releasedir, req, ino.0, &resolve)
+            .with_fh(fh.0);
+        Self::reply_empty(self.run(&info, || self.fs.releasedir(fh.0)), reply);
+    }
+
+    fn fsyncdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().path(ino.0), None);
+        let info = self.info(Op::Fsyncdir, req, ino.0, &resolve).with_fh(fh.0);
+        Self::reply_empty(self.run(&info, || self.fs.fsyncdir(fh.0, datasync)), reply);
+    }
+
+    fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().path(ino.0), None);
+        let info = self.info(Op::Statfs, req, ino.0, &resolve);
+        match self.run(&info, || self.fs.statfs()) {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().path(ino.0), None);
+        let mut info = self
+            .info(Op::Setxattr, req, ino.0, &resolve)
+            .with_flags(flags);
+        info.size = Some(value.len() as u64);
+        let c = caller(req);
+        Self::reply_empty(
+            self.run(&info, || self.fs.setxattr(c, ino.0, name, value, flags)),
+            reply,
+        );
+    }
+
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().path(ino.0), None);
+        let mut info = self.info(Op::Getxattr, req, ino.0, &resolve);
+        info.size = Some(size as u64);
+        Self::reply_xattr(
+            self.run(&info, || self.fs.getxattr(ino.0, name, size)),
+            reply,
+        );
+    }
+
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().path(ino.0), None);
+        let mut info = self.info(Op::Listxattr, req, ino.0, &resolve);
+        info.size = Some(size as u64);
+        Self::reply_xattr(self.run(&info, || self.fs.listxattr(ino.0, size)), reply);
+    }
+
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().path(ino.0), None);
+        let info = self.info(Op::Removexattr, req, ino.0, &resolve);
+        let c = caller(req);
+        Self::reply_empty(
+            self.run(&info, || self.fs.removexattr(c, ino.0, name)),
+            reply,
+        );
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().child_path(parent.0, name), None);
+        let info = self
+            .info(Op::Create, req, parent.0, &resolve)
+            .with_flags(flags);
+        let c = caller(req);
+        match self.run(&info, || self.fs.create(c, parent.0, name, mode, flags)) {
+            Ok((entry, fh)) => {
+                let attr = to_attr(entry.ino, &entry.attr);
+                if self.kernel_passthrough {
+                    if let Some(id) = self.backing_for(entry.ino, fh, |fd| reply.open_backing(fd)) {
+                        reply.created_passthrough(
+                            &self.cache.ttl,
+                            &attr,
+                            Generation(0),
+                            FileHandle(fh),
+                            FopenFlags::empty(),
+                            &id,
+                        );
+                        return;
+                    }
+                }
+                reply.created(
+                    &self.cache.ttl,
+                    &attr,
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                )
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().path(ino.0), None);
+        let info = self
+            .info(Op::Fallocate, req, ino.0, &resolve)
+            .with_fh(fh.0)
+            .with_range(offset, length)
+            .with_flags(mode);
+        Self::reply_empty(
+            self.run(&info, || self.fs.fallocate(fh.0, offset, length, mode)),
+            reply,
+        );
+    }
+
+    fn lseek(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().path(ino.0), None);
+        let mut info = self
+            .info(Op::Lseek, req, ino.0, &resolve)
+            .with_fh(fh.0)
+            .with_flags(whence);
+        info.offset = Some(offset as u64);
+        match self.run(&info, || self.fs.lseek(fh.0, offset, whence)) {
+            Ok(off) => reply.offset(off),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        req: &Request,
+        ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let resolve = |_: &OpInfo<'_>| {
+            let inodes = self.fs.inodes();
+            (inodes.path(ino_out.0), Some(inodes.path(ino_in.0)))
+        };
+        let info = self
+            .info(Op::CopyFileRange, req, ino_out.0, &resolve)
+            .with_fh(fh_out.0)
+            .with_range(offset_out, len);
+        match self.run(&info, || {
+            self.fs.copy_file_range(
+                fh_in.0,
+                offset_in,
+                fh_out.0,
+                offset_out,
+                len,
+                flags.bits() as u32,
+            )
+        }) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! The daemon's configuration: the volume parameters plus daemon-only options, from one
+//! `-o key=value` list.
+//!
+//! Volume keys are the parameter contract (`params`); the keys below only make sense to a
+//! running daemon (where to serve metrics, who the volume belongs to for telemetry, FUSE mount
+//! flags). Each `-o` carries exactly one `key=value`, because contract values contain commas
+//! (`layers=trace,metrics`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::params::{ParamError, VolumeParams, is_volume_key, parse_duration};
+
+/// Daemon-only options, with their accepted form, for `--help`.
+pub const DAEMON_KEYS: &[(&str, &str)] = &[
+    (
+        "metrics.address",
+        "HOST:PORT to serve Prometheus /metrics on (needs the metrics layer); port 0 picks one",
+    ),
+    (
+        "kernelPassthrough",
+        "true or false: reads and writes of regular files go straight from the kernel to SOURCE, unseen by layers (default false)",
+    ),
+    ("threads", "FUSE worker threads, 1..64 (default 4)"),
+    (
+        "cache.ttl",
+        "how long the kernel may cache names and attributes, e.g. 1s, 0s (default 1s)",
+    ),
+    (
+        "allow_other",
+        "flag: let every user use the mount (default on)",
+    ),
+    ("allow_root_only", "flag: only root may use the mount"),
+    ("ro", "flag: mount read-only"),
+    ("rw", "flag: mount read-write (default)"),
+    (
+        "volumeId",
+        "volume id for telemetry labels (default: the mount point's name)",
+    ),
+    (
+        "pvcName",
+        "PVC name for telemetry labels and resource attributes",
+    ),
+    ("pvcNamespace", "PVC namespace for telemetry"),
+    ("podName", "pod name for telemetry resource attributes"),
+    (
+        "podNamespace",
+        "pod namespace for telemetry resource attributes",
+    ),
+    ("nodeName", "node name for telemetry resource attributes"),
+];
+
+/// Who a volume belongs to, for metric labels and span resource attributes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub volume_id: String,
+    pub pvc_name: Option<String>,
+    pub pvc_namespace: Option<String>,
+    pub pod_name: Option<String>,
+    pub pod_namespace: Option<String>,
+    pub node_name: Option<String>,
+}
+
+/// Everything `interposer-fs` needs to run one volume.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub source: PathBuf,
+    pub mountpoint: PathBuf,
+    pub params: VolumeParams,
+    pub metrics_address: Option<SocketAddr>,
+    pub kernel_passthrough: bool,
+    pub threads: usize,
+    pub cache_ttl: Duration,
+    pub allow_other: bool,
+    pub read_only: bool,
+    pub identity: Identity,
+}
+
+impl DaemonConfig {
+    /// Build from the positional arguments and the `-o` list.
+    pub fn parse(
+        source: PathBuf,
+        mountpoint: PathBuf,
+        options: &[String],
+    ) -> Result<DaemonConfig, ParamError> {
+        let mut volume: Vec<(&str, &str)> = Vec::new();
+        let mut c = DaemonConfig {
+            identity: Identity {
+                volume_id: mountpoint
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "volume".into()),
+                ..Identity::default()
+            },
+            source,
+            mountpoint,
+            params: VolumeParams::default(),
+            metrics_address: None,
+            kernel_passthrough: false,
+            threads: 4,
+            cache_ttl: Duration::from_secs(1),
+            allow_other: true,
+            read_only: false,
+        };
+        for opt in options {
+            let (key, value) = match opt.split_once('=') {
+                Some((k, v)) => (k.trim(), Some(v)),
+                None => (opt.trim(), None),
+            };
+            let bad = |expected: &str| ParamError::BadValue {
+                key: key.to_string(),
+                value: value.unwrap_or("").to_string(),
+                expected: expected.to_string(),
+            };
+            let need = |expected: &str| value.ok_or_else(|| bad(expected));
+            match key {
+                k if is_volume_key(k) => volume.push((k, need("key=value")?)),
+                "metrics.address" => {
+                    c.metrics_address = Some(
+                        need("HOST:PORT")?
+                            .parse()
+                            .map_err(|_| bad("HOST:PORT such as 127.0.0.1:9100 or [::]:9100"))?,
+                    )
+                }
+                "kernelPassthrough" => {
+                    c.kernel_passthrough = match value {
+                        None | Some("true") => true,
+                        Some("false") => false,
+                        Some(_) => return Err(bad("true or false")),
+                    }
+                }
+                "threads" => {
+                    c.threads = need("1..64")?
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=64).contains(n))
+                        .ok_or_else(|| bad("an integer in 1..64"))?
+                }
+                "cache.ttl" => c.cache_ttl = parse_duration(key, need("a duration")?)?,
+                "allow_other" if value.is_none() => c.allow_other = true,
+                "allow_root_only" if value.is_none() => c.allow_other = false,
+                "ro" if value.is_none() => c.read_only = true,
+                "rw" if value.is_none() => c.read_only = false,
+                "volumeId" => c.identity.volume_id = label(key, need("a name")?)?,
+                "pvcName" => c.identity.pvc_name = Some(label(key, need("a name")?)?),
+                "pvcNamespace" => c.identity.pvc_namespace = Some(label(key, need("a name")?)?),
+                "podName" => c.identity.pod_name = Some(label(key, need("a name")?)?),
+                "podNamespace" => c.identity.pod_namespace = Some(label(key, need("a name")?)?),
+                "nodeName" => c.identity.node_name = Some(label(key, need("a name")?)?),
+                "allow_other" | "allow_root_only" | "ro" | "rw" => {
+                    return Err(bad("the flag alone, without =value"));
+                }
+                _ => {
+                    let mut known: Vec<&str> =
+                        crate::params::KEYS.iter().map(|(k, _)| *k).collect();
+                    known.extend(DAEMON_KEYS.iter().map(|(k, _)| *k));
+                    return Err(ParamError::UnknownKey {
+                        key: key.to_string(),
+                        known: known.join(", "),
+                    });
+                }
+            }
+        }
+        c.params = VolumeParams::parse(volume)?;
+        Ok(c)
+    }
+}
+
+/// A telemetry label value: printable, bounded.
+fn label(key: &str, v: &str) -> Result<String, ParamError> {
+    if v.is_empty() || v.len() > 253 || v.chars().any(|c| c.is_control()) {
+        return Err(ParamError::BadValue {
+            key: key.into(),
+            value: v.into(),
+            expected: "a non-empty printable name of at most 253 characters".into(),
+        });
+    }
+    Ok(v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(opts: &[&str]) -> Result<DaemonConfig, ParamError> {
+        let opts: Vec<String> = opts.iter().map(|s| s.to_string()).collect();
+        DaemonConfig::parse("/src".into(), "/mnt/vol1".into(), &opts)
+    }
+
+    #[test]
+    fn volume_and_daemon_keys_mix_in_one_list() {
+        let c = parse(&[
+            "layers=trace,metrics,fault",
+            "metrics.address=127.0.0.1:0",
+            "fault.probability=0.5",
+            "ro",
+            "threads=8",
+            "pvcName=data",
+        ])
+        .unwrap();
+        assert_eq!(c.params.layers.len(), 3);
+        assert_eq!(c.params.fault.probability, 0.5);
+        assert!(c.read_only);
+        assert_eq!(c.threads, 8);
+        assert_eq!(c.identity.volume_id, "vol1");
+        assert_eq!(c.identity.pvc_name.as_deref(), Some("data"));
+    }
+
+    #[test]
+    fn bad_daemon_options_name_their_key() {
+        for (opt, key) in [
+            ("metrics.address=nowhere", "metrics.address"),
+            ("threads=0", "threads"),
+            ("threads=x", "threads"),
+            ("ro=yes", "ro"),
+            ("kernelPassthrough=maybe", "kernelPassthrough"),
+            ("cache.ttl=forever", "cache.ttl"),
+            ("bogus=1", "bogus"),
+            ("layers", "layers"),
+        ] {
+            let e = parse(&[opt]).expect_err(opt);
+            assert_eq!(e.key(), key, "{opt}: {e}");
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! Run one volume: check the input, build the layers, mount, serve until a signal, clean up.
+//!
+//! Everything that can be refused is refused before mount(2), so a bad option never leaves a
+//! mount behind. After the mount, SIGINT/SIGTERM detach it and wake any sleeping fault or
+//! throttle wait, and the session ends once the kernel lets go.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use opentelemetry::KeyValue;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+
+use crate::adapter::{CacheConfig, Interposer};
+use crate::config::DaemonConfig;
+use crate::fs::passthrough::Passthrough;
+use crate::layers::fault::FaultLayer;
+use crate::layers::metrics::{Metrics, MetricsLayer};
+use crate::layers::throttle::ThrottleLayer;
+use crate::layers::trace::TraceLayer;
+use crate::layers::{Layer, Shutdown, Stack};
+use crate::mount::{self, MountSpec};
+use crate::params::LayerKind;
+use crate::telemetry::{metrics_server, otlp};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("SOURCE {0:?} is not a directory (expected an existing directory to serve)")]
+    SourceNotDirectory(PathBuf),
+    #[error("MOUNTPOINT {0:?} is not a directory (expected an existing empty directory)")]
+    MountpointNotDirectory(PathBuf),
+    #[error(
+        "MOUNTPOINT {0:?} is already a mount point (unmount it first, or choose another directory)"
+    )]
+    MountpointInUse(PathBuf),
+    #[error("option metrics.address needs the metrics layer (add metrics to layers=)")]
+    MetricsAddressWithoutLayer,
+    #[error("serving metrics on {addr}: {source}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("opening SOURCE {path:?}: {source}")]
+    OpenSource {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Otlp(#[from] otlp::OtlpError),
+    #[error("mounting at {path:?}: {source}")]
+    Mount {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("FUSE session: {0}")]
+    Session(#[source] io::Error),
+}
+
+/// What was built from the configuration, ready to mount.
+struct Prepared {
+    fs: Interposer,
+    shutdown: Arc<Shutdown>,
+    tracer: Option<SdkTracerProvider>,
+}
+
+fn check_paths(c: &DaemonConfig) -> Result<(), DaemonError> {
+    if !c.source.is_dir() {
+        return Err(DaemonError::SourceNotDirectory(c.source.clone()));
+    }
+    if !c.mountpoint.is_dir() {
+        return Err(DaemonError::MountpointNotDirectory(c.mountpoint.clone()));
+    }
+    match mount::is_mount_point(&c.mountpoint) {
+        Ok(false) => Ok(()),
+        Ok(true) => Err(DaemonError::MountpointInUse(c.mountpoint.clone())),
+        Err(_) => Err(DaemonError::MountpointNotDirectory(c.mountpoint.clone())),
+    }
+}
+
+fn resource(c: &DaemonConfig) -> Vec<KeyValue> {
+    let id = &c.identity;
+    let mut attrs = vec![KeyValue::new("interposer.volume.id", id.volume_id.clone())];
+    let optional = [
+        ("k8s.node.name", &id.node_name),
+        ("k8s.pod.name", &id.pod_name),
+        ("k8s.namespace.name", &id.pod_namespace),
+        ("k8s.pvc.name", &id.pvc_name),
+        ("k8s.pvc.namespace", &id.pvc_namespace),
+    ];
+    for (k, v) in optional {
+        if let Some(v) = v {
+            attrs.push(KeyValue::new(k, v.clone()));
+        }
+    }
+    attrs
+}
+
+fn metric_labels(c: &DaemonConfig) -> Vec<(String, String)> {
+    let id = &c.identity;
+    let mut labels = vec![("volume".to_string(), id.volume_id.clone())];
+    if let Some(p) = &id.pvc_name {
+        labels.push(("pvc".into(), p.clone()));
+    }
+    if let Some(n) = &id.pvc_namespace {
+        labels.push(("namespace".into(), n.clone()));
+    }
+    labels
+}
+
+fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
+    check_paths(c)?;
+    let p = &c.params;
+    let shutdown = Shutdown::new();
+    let metrics = p
+        .has_layer(LayerKind::Metrics)
+        .then(|| Metrics::new(metric_labels(c)));
+    match (&metrics, c.metrics_address) {
+        (None, Some(_)) => return Err(DaemonError::MetricsAddressWithoutLayer),
+        (Some(m), Some(addr)) => {
+            let bound = metrics_server::serve(addr, m.clone())
+                .map_err(|source| DaemonError::MetricsListen { addr, source })?;
+            eprintln!("interposer-fs: metrics at http://{bound}/metrics");
+        }
+        _ => {}
+    }
+    let tracer = if p.has_layer(LayerKind::Trace) {
+        Some(otlp::tracer_provider(resource(c), p.trace.sample_ratio)?)
+    } else {
+        None
+    };
+    let mut layers: Vec<Box<dyn Layer>> = Vec::new();
+    for kind in &p.layers {
+        match kind {
+            LayerKind::Trace => {
+                if let Some(t) = &tracer {
+                    layers.push(Box::new(TraceLayer::new(t, &p.trace)));
+                }
+            }
+            LayerKind::Metrics => {
+                if let Some(m) = &metrics {
+                    layers.push(Box::new(MetricsLayer::new(m.clone())));
+                }
+            }
+            LayerKind::Fault => {
+                let f = FaultLayer::new(p.fault.clone(), shutdown.clone(), metrics.clone());
+                eprintln!(
+                    "interposer-fs: fault seed {} (set fault.seed to replay)",
+                    f.seed()
+                );
+                layers.push(Box::new(f));
+            }
+            LayerKind::Throttle => {
+                if !p.throttle.is_unlimited() {
+                    layers.push(Box::new(ThrottleLayer::new(
+                        &p.throttle,
+                        shutdown.clone(),
+                        metrics.clone(),
+                    )));
+                }
+            }
+        }
+    }
+    let passthrough = Passthrough::new(&c.source).map_err(|e| DaemonError::OpenSource {
+        path: c.source.clone(),
+        source: e.into(),
+    })?;
+    if !passthrough.inodes().handles_supported() {
+        log::warn!(
+            "SOURCE's filesystem has no file handles: each known inode will hold a descriptor"
+        );
+    }
+    let fs = Interposer::new(
+        passthrough,
+        Stack::new(layers),
+        CacheConfig { ttl: c.cache_ttl },
+        c.kernel_passthrough,
+    );
+    Ok(Prepared {
+        fs,
+        shutdown,
+        tracer,
+    })
+}
+
+/// Serve the volume until SIGINT/SIGTERM. Call with those signals blocked in every thread
+/// (see [`block_signals`]), before any other thread starts.
+pub fn run(c: DaemonConfig) -> Result<(), DaemonError> {
+    crate::fs::sys::set_umask(0);
+    let prepared = prepare(&c)?;
+    let spec = MountSpec {
+        fsname: c.source.to_string_lossy().into_owned(),
+        read_only: c.read_only,
+        allow_other: c.allow_other,
+    };
+    let fd: OwnedFd = mount::mount(&c.mountpoint, &spec).map_err(|source| DaemonError::Mount {
+        path: c.mountpoint.clone(),
+        source,
+    })?;
+    let acl = if c.allow_other {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::RootAndOwner
+    };
+    let mut config = fuser::Config::default();
+    config.n_threads = Some(c.threads);
+    config.clone_fd = true;
+    let session = match fuser::Session::from_fd(prepared.fs, fd, acl, config) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = mount::unmount(&c.mountpoint);
+            return Err(DaemonError::Session(e));
+        }
+    };
+    let mountpoint = c.mountpoint.clone();
+    let shutdown = prepared.shutdown.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || wait_for_signal_then_unmount(mountpoint, shutdown))
+        .map_err(DaemonError::Session)?;
+    eprintln!(
+        "interposer-fs: serving {} at {} (layers: {})",
+        c.source.display(),
+        c.mountpoint.display(),
+        if c.params.layers.is_empty() {
+            "none".to_string()
+        } else {
+            c.params
+                .layers
+                .iter()
+                .map(|l| l.name())
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+    );
+    let result = session.run().map_err(DaemonError::Session);
+    prepared.shutdown.trigger();
+    if let Some(t) = prepared.tracer {
+        let _ = t.shutdown();
+    }
+    result
+}
+
+/// Block the signals the daemon handles, so that only the signal thread receives them.
+pub fn block_signals() -> nix::Result<()> {
+    signal_set().thread_block()
+}
+
+fn signal_set() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGHUP);
+    set
+}
+
+fn wait_for_signal_then_unmount(mountpoint: PathBuf, shutdown: Arc<Shutdown>) {
+    match signal_set().wait() {
+        Ok(sig) => eprintln!(
+            "interposer-fs: {sig:?}: unmounting {}",
+            mountpoint.display()
+        ),
+        Err(e) => eprintln!("interposer-fs: waiting for signals failed ({e}); unmounting"),
+    }
+    shutdown.trigger();
+    if let Err(e) = mount::unmount(&mountpoint) {
+        eprintln!("interposer-fs: unmount {}: {e}", mountpoint.display());
+    }
+}

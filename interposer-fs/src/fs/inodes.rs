@@ -1,0 +1,291 @@
+//! The inode table: FUSE node ids ↔ backing inodes, with the kernel's lookup counts.
+//!
+//! A node does not hold a file descriptor: it holds a kernel file handle (`name_to_handle_at`)
+//! and is reopened on demand with `open_by_handle_at`, so a volume with millions of files needs
+//! no more descriptors than it has open files. (Filesystems without handle support, and objects
+//! on another mount below SOURCE, fall back to an `O_PATH` descriptor.)
+//!
+//! Invariants and the races they guard against:
+//! - One node per backing inode `(st_dev, st_ino)`: two hard links share a node, so the kernel's
+//!   attribute cache sees one file.
+//! - A node lives while the kernel holds lookups on it (`lookup`/`create`/`mkdir`… add one,
+//!   `forget` removes n). A `forget` for an id we no longer hold is ignored.
+//! - `(parent, name)` is only for telling users where a file is (span paths, fault globs); it
+//!   is updated on rename and never used to *reach* a file, so a stale name cannot send an
+//!   operation to the wrong object.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::RwLock;
+
+use crate::fs::errno::{Errno, FsResult};
+use crate::fs::sys::{self, KernelHandle};
+
+/// FUSE's id for the volume root.
+pub const ROOT: u64 = 1;
+
+/// Ids from here up are handed out by counter (objects on other devices below SOURCE).
+const FOREIGN_IDS: u64 = 1 << 63;
+
+/// How to reach a backing inode again.
+#[derive(Debug)]
+pub enum InodeRef {
+    Handle(KernelHandle),
+    Fd(OwnedFd),
+}
+
+/// The immutable part of a node, shared with in-flight operations.
+#[derive(Debug)]
+pub struct InodeData {
+    pub reference: InodeRef,
+    pub dev: u64,
+    pub ino: u64,
+}
+
+struct Node {
+    data: Arc<InodeData>,
+    parent: u64,
+    name: OsString,
+    lookups: u64,
+}
+
+#[derive(Default)]
+struct Maps {
+    nodes: HashMap<u64, Node>,
+    by_key: HashMap<(u64, u64), u64>,
+}
+
+pub struct InodeTable {
+    /// The descriptor of SOURCE: the root node and the mount fd for `open_by_handle_at`.
+    root_fd: OwnedFd,
+    maps: RwLock<Maps>,
+    next_id: AtomicU64,
+    /// False when SOURCE's filesystem refused `name_to_handle_at`.
+    handles_supported: bool,
+    root_dev: u64,
+    root_ino: u64,
+}
+
+impl InodeTable {
+    pub fn new(root_fd: OwnedFd) -> FsResult<Self> {
+        let st = sys::fstat(root_fd.as_fd())?;
+        let handles_supported = sys::name_to_handle(root_fd.as_fd()).is_ok();
+        let root = Node {
+            data: Arc::new(InodeData {
+                reference: InodeRef::Fd(sys::dup(root_fd.as_fd())?),
+                dev: st.st_dev,
+                ino: st.st_ino,
+            }),
+            parent: ROOT,
+            name: OsString::new(),
+            lookups: 1,
+        };
+        let mut maps = Maps::default();
+        maps.by_key.insert((st.st_dev, st.st_ino), ROOT);
+        maps.nodes.insert(ROOT, root);
+        Ok(InodeTable {
+            root_fd,
+            maps: RwLock::new(maps),
+            next_id: AtomicU64::new(FOREIGN_IDS),
+            root_ino: st.st_ino,
+            handles_supported,
+            root_dev: st.st_dev,
+        })
+    }
+
+    pub fn root_fd(&self) -> BorrowedFd<'_> {
+        self.root_fd.as_fd()
+    }
+
+    pub fn handles_supported(&self) -> bool {
+        self.handles_supported
+    }
+
+    /// The node's shared data, or ESTALE if the kernel already forgot it.
+    pub fn get(&self, id: u64) -> FsResult<Arc<InodeData>> {
+        self.maps
+            .read()
+            .nodes
+            .get(&id)
+            .map(|n| n.data.clone())
+            .ok_or(Errno::ESTALE)
+    }
+
+    /// Open node `id` with `flags` (`O_PATH` to just locate it). Must run as root.
+    pub fn open(&self, id: u64, flags: i32) -> FsResult<OwnedFd> {
+        let data = self.get(id)?;
+        self.open_data(&data, flags)
+    }
+
+    pub fn open_data(&self, data: &InodeData, flags: i32) -> FsResult<OwnedFd> {
+        match &data.reference {
+            InodeRef::Handle(h) => sys::open_by_handle(self.root_fd.as_fd(), h, flags),
+            InodeRef::Fd(fd) if flags & libc::O_PATH != 0 => sys::dup(fd.as_fd()),
+            InodeRef::Fd(fd) => sys::reopen(fd.as_fd(), flags),
+        }
+    }
+
+    /// Record one kernel lookup of the object `fd` (found as `parent/name`, described by `st`).
+    /// Returns the node id to give the kernel.
+    ///
+    /// Node ids are the backing inode numbers (so `stat` and `readdir` inside the volume show
+    /// the real, stable numbers, as tools like git and rsync expect across remounts); objects on
+    /// another device below SOURCE get ids from a separate counter range. If the backing
+    /// filesystem reused an inode number for a new file (the handle differs), the node is
+    /// pointed at the new file.
+    pub fn remember(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        fd: OwnedFd,
+        st: &libc::stat,
+    ) -> FsResult<u64> {
+        let key = (st.st_dev, st.st_ino);
+        // Make the reference outside the lock: it is a syscall.
+        let reference = if self.handles_supported && st.st_dev == self.root_dev {
+            match sys::name_to_handle(fd.as_fd()) {
+                Ok(h) => InodeRef::Handle(h),
+                Err(_) => InodeRef::Fd(fd),
+            }
+        } else {
+            InodeRef::Fd(fd)
+        };
+        let mut maps = self.maps.write();
+        if let Some(&id) = maps.by_key.get(&key) {
+            if let Some(node) = maps.nodes.get_mut(&id) {
+                node.lookups += 1;
+                if id != ROOT {
+                    node.parent = parent;
+                    node.name = name.to_os_string();
+                    let stale = match (&node.data.reference, &reference) {
+                        (InodeRef::Handle(old), InodeRef::Handle(new)) => old != new,
+                        _ => false,
+                    };
+                    if stale {
+                        node.data = Arc::new(InodeData {
+                            reference,
+                            dev: st.st_dev,
+                            ino: st.st_ino,
+                        });
+                    }
+                }
+                return Ok(id);
+            }
+        }
+        let id = if st.st_dev == self.root_dev && st.st_ino > ROOT && st.st_ino < FOREIGN_IDS {
+            st.st_ino
+        } else {
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        };
+        maps.by_key.insert(key, id);
+        maps.nodes.insert(
+            id,
+            Node {
+                data: Arc::new(InodeData {
+                    reference,
+                    dev: st.st_dev,
+                    ino: st.st_ino,
+                }),
+                parent,
+                name: name.to_os_string(),
+                lookups: 1,
+            },
+        );
+        Ok(id)
+    }
+
+    /// The node id readdir should show for a backing inode number.
+    pub fn id_for_ino(&self, ino: u64) -> u64 {
+        if ino == self.root_ino { ROOT } else { ino }
+    }
+
+    /// The kernel dropped `n` lookups of `id`.
+    pub fn forget(&self, id: u64, n: u64) {
+        if id == ROOT {
+            return;
+        }
+        let mut maps = self.maps.write();
+        let remove = match maps.nodes.get_mut(&id) {
+            Some(node) => {
+                node.lookups = node.lookups.saturating_sub(n);
+                node.lookups == 0
+            }
+            None => false,
+        };
+        if remove {
+            if let Some(node) = maps.nodes.remove(&id) {
+                let key = (node.data.dev, node.data.ino);
+                if maps.by_key.get(&key) == Some(&id) {
+                    maps.by_key.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// After a rename: the inode `key` is now called `parent/name`.
+    pub fn moved(&self, key: (u64, u64), parent: u64, name: &OsStr) {
+        let mut maps = self.maps.write();
+        if let Some(&id) = maps.by_key.get(&key) {
+            if let Some(node) = maps.nodes.get_mut(&id) {
+                node.parent = parent;
+                node.name = name.to_os_string();
+            }
+        }
+    }
+
+    /// Path of node `id` relative to the root (`""` for the root, `?` where unknown).
+    pub fn path(&self, id: u64) -> String {
+        let maps = self.maps.read();
+        let mut parts: Vec<&OsStr> = Vec::new();
+        let mut cur = id;
+        // Bounded walk: a cycle would be a bug, but must never hang an operation.
+        for _ in 0..4096 {
+            if cur == ROOT {
+                break;
+            }
+            match maps.nodes.get(&cur) {
+                Some(node) => {
+                    parts.push(&node.name);
+                    cur = node.parent;
+                }
+                None => {
+                    parts.push(OsStr::new("?"));
+                    break;
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (i, p) in parts.iter().rev().enumerate() {
+            if i > 0 {
+                out.push(b'/');
+            }
+            out.extend_from_slice(p.as_bytes());
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Path of `name` inside node `parent`.
+    pub fn child_path(&self, parent: u64, name: &OsStr) -> String {
+        let p = self.path(parent);
+        let name = name.to_string_lossy();
+        if p.is_empty() {
+            name.into_owned()
+        } else {
+            format!("{p}/{name}")
+        }
+    }
+
+    /// Number of live nodes (root included).
+    pub fn len(&self) -> usize {
+        self.maps.read().nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,541 @@
+//! The passthrough: every operation done on SOURCE, as the caller, with `*at()` syscalls.
+//!
+//! Each method returns [`FsResult`]; the adapter (`crate::adapter`) is the only code that turns
+//! results into kernel replies. Objects are located by node (file handle, see `inodes`) and a
+//! single name component, never by a path string, so nothing a pod does inside the volume can
+//! make an operation land outside it.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::fs::creds::AsCaller;
+use crate::fs::errno::{Errno, FsResult};
+use crate::fs::inodes::InodeTable;
+use crate::fs::op::Caller;
+use crate::fs::sys;
+
+/// A node the kernel now knows, with its attributes.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry {
+    pub ino: u64,
+    pub attr: libc::stat,
+}
+
+/// A time to set: now, or a given instant.
+#[derive(Debug, Clone, Copy)]
+pub enum SetTime {
+    Now,
+    At(SystemTime),
+}
+
+/// Attribute changes of one `setattr`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SetAttrs {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+/// One directory entry for the kernel.
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub ino: u64,
+    /// Cookie for the next `readdir` after this entry.
+    pub offset: u64,
+    /// `S_IF*` type bits, or 0 when unknown.
+    pub kind: u32,
+    pub name: Vec<u8>,
+}
+
+/// An open file or directory.
+pub struct OpenFile {
+    pub fd: OwnedFd,
+    pub ino: u64,
+    /// Serialises seek+getdents on a directory stream.
+    dir_lock: Mutex<()>,
+}
+
+/// File-handle table. Handles are never reused within a mount.
+#[derive(Default)]
+struct Handles {
+    map: RwLock<HashMap<u64, Arc<OpenFile>>>,
+    next: AtomicU64,
+}
+
+impl Handles {
+    fn insert(&self, fd: OwnedFd, ino: u64) -> u64 {
+        let fh = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        self.map.write().insert(
+            fh,
+            Arc::new(OpenFile {
+                fd,
+                ino,
+                dir_lock: Mutex::new(()),
+            }),
+        );
+        fh
+    }
+    fn get(&self, fh: u64) -> FsResult<Arc<OpenFile>> {
+        self.map.read().get(&fh).cloned().ok_or(Errno::EBADF)
+    }
+    fn remove(&self, fh: u64) -> Option<Arc<OpenFile>> {
+        self.map.write().remove(&fh)
+    }
+}
+
+/// Flags never passed to the backing open: the kernel already handled them, or they would break
+/// our buffers (O_DIRECT needs aligned memory).
+const STRIP_OPEN_FLAGS: i32 =
+    libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC | libc::O_DIRECT;
+
+pub struct Passthrough {
+    inodes: InodeTable,
+    handles: Handles,
+}
+
+fn to_timespec(t: Option<SetTime>) -> libc::timespec {
+    match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(SetTime::Now) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(SetTime::At(t)) => {
+            let (sec, nsec) = match t.duration_since(SystemTime::UNIX_EPOCH) {
+                Ok(d) => (d.as_secs() as i64, d.subsec_nanos() as i64),
+                Err(e) => {
+                    // Before 1970: negative seconds, positive nanoseconds.
+                    let d = e.duration();
+                    let mut s = -(d.as_secs() as i64);
+                    let mut n = d.subsec_nanos() as i64;
+                    if n > 0 {
+                        s -= 1;
+                        n = 1_000_000_000 - n;
+                    }
+                    (s, n)
+                }
+            };
+            libc::timespec {
+                tv_sec: sec,
+                tv_nsec: nsec,
+            }
+        }
+    }
+}
+
+impl Passthrough {
+    /// Serve the directory `source`.
+    pub fn new(source: &Path) -> FsResult<Self> {
+        let c = sys::cpath(source)?;
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                // Not O_PATH: open_by_handle_at refuses an O_PATH descriptor as its mount fd.
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(Errno::last());
+        }
+        let root = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        Ok(Passthrough {
+            inodes: InodeTable::new(root)?,
+            handles: Handles::default(),
+        })
+    }
+
+    pub fn inodes(&self) -> &InodeTable {
+        &self.inodes
+    }
+
+    fn fd_of(&self, fh: u64) -> FsResult<Arc<OpenFile>> {
+        self.handles.get(fh)
+    }
+
+    /// Look `name` up in the already-open directory `dir`, and remember it as a node.
+    fn enter(&self, parent: u64, dir: BorrowedFd<'_>, name: &OsStr) -> FsResult<Entry> {
+        let c = sys::cname(name)?;
+        let fd = sys::openat(dir, &c, libc::O_PATH, 0)?;
+        let st = sys::fstat(fd.as_fd())?;
+        let ino = self.inodes.remember(parent, name, fd, &st)?;
+        Ok(Entry { ino, attr: st })
+    }
+
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Entry> {
+        let dir = self.inodes.open(parent, libc::O_PATH)?;
+        self.enter(parent, dir.as_fd(), name)
+    }
+
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.inodes.forget(ino, n);
+    }
+
+    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> FsResult<libc::stat> {
+        if let Some(fh) = fh {
+            if let Ok(f) = self.fd_of(fh) {
+                return sys::fstat(f.fd.as_fd());
+            }
+        }
+        let fd = self.inodes.open(ino, libc::O_PATH)?;
+        sys::fstat(fd.as_fd())
+    }
+
+    pub fn setattr(
+        &self,
+        caller: Caller,
+        ino: u64,
+        fh: Option<u64>,
+        set: SetAttrs,
+    ) -> FsResult<libc::stat> {
+        let open = fh.and_then(|fh| self.fd_of(fh).ok());
+        let path_fd = self.inodes.open(ino, libc::O_PATH)?;
+        let _as = AsCaller::new(caller)?;
+        if let Some(mode) = set.mode {
+            sys::chmod_fd(path_fd.as_fd(), mode & 0o7777)?;
+        }
+        if set.uid.is_some() || set.gid.is_some() {
+            sys::chown_fd(path_fd.as_fd(), set.uid, set.gid)?;
+        }
+        if let Some(size) = set.size {
+            match &open {
+                Some(f) => sys::ftruncate(f.fd.as_fd(), size)?,
+                None => sys::truncate_fd(path_fd.as_fd(), size)?,
+            }
+        }
+        if set.atime.is_some() || set.mtime.is_some() {
+            let times = [to_timespec(set.atime), to_timespec(set.mtime)];
+            match &open {
+                Some(f) => {
+                    if unsafe { libc::futimens(f.fd.as_raw_fd(), times.as_ptr()) } < 0 {
+                        return Err(Errno::last());
+                    }
+                }
+                None => sys::utimens_fd(path_fd.as_fd(), times)?,
+            }
+        }
+        sys::fstat(path_fd.as_fd())
+    }
+
+    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let fd = self.inodes.open(ino, libc::O_PATH)?;
+        sys::readlink_fd(fd.as_fd())
+    }
+
+    /// Create something in `parent` as the caller with `make`, then look it up.
+    fn make(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        make: impl FnOnce(BorrowedFd<'_>, &std::ffi::CStr) -> FsResult<()>,
+    ) -> FsResult<Entry> {
+        let dir = self.inodes.open(parent, libc::O_PATH)?;
+        let c = sys::cname(name)?;
+        {
+            let _as = AsCaller::new(caller)?;
+            make(dir.as_fd(), &c)?;
+        }
+        self.enter(parent, dir.as_fd(), name)
+    }
+
+    pub fn mknod(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+    ) -> FsResult<Entry> {
+        self.make(caller, parent, name, |dir, c| {
+            sys::mknodat(dir, c, mode, rdev as u64)
+        })
+    }
+
+    pub fn mkdir(&self, caller: Caller, parent: u64, name: &OsStr, mode: u32) -> FsResult<Entry> {
+        self.make(caller, parent, name, |dir, c| sys::mkdirat(dir, c, mode))
+    }
+
+    pub fn symlink(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        target: &Path,
+    ) -> FsResult<Entry> {
+        let t = sys::cpath(target)?;
+        self.make(caller, parent, name, |dir, c| sys::symlinkat(&t, dir, c))
+    }
+
+    pub fn link(
+        &self,
+        caller: Caller,
+        ino: u64,
+        newparent: u64,
+        newname: &OsStr,
+    ) -> FsResult<Entry> {
+        let src = self.inodes.open(ino, libc::O_PATH)?;
+        let as_root = caller.uid == 0;
+        self.make(caller, newparent, newname, |dir, c| {
+            sys::link_fd(src.as_fd(), dir, c, as_root)
+        })
+    }
+
+    pub fn unlink(&self, caller: Caller, parent: u64, name: &OsStr) -> FsResult<()> {
+        let dir = self.inodes.open(parent, libc::O_PATH)?;
+        let c = sys::cname(name)?;
+        let _as = AsCaller::new(caller)?;
+        sys::unlinkat(dir.as_fd(), &c, 0)
+    }
+
+    pub fn rmdir(&self, caller: Caller, parent: u64, name: &OsStr) -> FsResult<()> {
+        let dir = self.inodes.open(parent, libc::O_PATH)?;
+        let c = sys::cname(name)?;
+        let _as = AsCaller::new(caller)?;
+        sys::unlinkat(dir.as_fd(), &c, libc::AT_REMOVEDIR)
+    }
+
+    pub fn rename(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> FsResult<()> {
+        let old_dir = self.inodes.open(parent, libc::O_PATH)?;
+        let new_dir = self.inodes.open(newparent, libc::O_PATH)?;
+        let (oc, nc) = (sys::cname(name)?, sys::cname(newname)?);
+        {
+            let _as = AsCaller::new(caller)?;
+            sys::renameat2(old_dir.as_fd(), &oc, new_dir.as_fd(), &nc, flags)?;
+        }
+        // Keep display paths right: whatever is now at the new name came from the old one.
+        if let Ok(st) = sys::fstatat_nofollow(new_dir.as_fd(), &nc) {
+            self.inodes
+                .moved((st.st_dev, st.st_ino), newparent, newname);
+        }
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            if let Ok(st) = sys::fstatat_nofollow(old_dir.as_fd(), &oc) {
+                self.inodes.moved((st.st_dev, st.st_ino), parent, name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Open node `ino`; returns the new file handle.
+    pub fn open(&self, ino: u64, flags: i32) -> FsResult<u64> {
+        let fd = self
+            .inodes
+            .open(ino, flags & !STRIP_OPEN_FLAGS & !libc::O_NOFOLLOW)?;
+        Ok(self.handles.insert(fd, ino))
+    }
+
+    /// Create and open `parent/name` as the caller.
+    pub fn create(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+    ) -> FsResult<(Entry, u64)> {
+        let dir = self.inodes.open(parent, libc::O_PATH)?;
+        let c = sys::cname(name)?;
+        let fd = {
+            let _as = AsCaller::new(caller)?;
+            sys::openat(
+                dir.as_fd(),
+                &c,
+                (flags & !(libc::O_DIRECT | libc::O_NOCTTY)) | libc::O_CREAT,
+                mode,
+            )?
+        };
+        let st = sys::fstat(fd.as_fd())?;
+        let path_fd = sys::openat(dir.as_fd(), &c, libc::O_PATH, 0)?;
+        let ino = self.inodes.remember(parent, name, path_fd, &st)?;
+        let fh = self.handles.insert(fd, ino);
+        Ok((Entry { ino, attr: st }, fh))
+    }
+
+    /// The descriptor behind `fh` (for kernel passthrough registration).
+    pub fn open_file(&self, fh: u64) -> FsResult<Arc<OpenFile>> {
+        self.fd_of(fh)
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let f = self.fd_of(fh)?;
+        let mut buf = vec![0u8; size as usize];
+        let n = sys::pread(f.fd.as_fd(), &mut buf, offset)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let f = self.fd_of(fh)?;
+        sys::pwrite(f.fd.as_fd(), data, offset).map(|n| n as u32)
+    }
+
+    pub fn flush(&self, fh: u64) -> FsResult<()> {
+        sys::flush(self.fd_of(fh)?.fd.as_fd())
+    }
+
+    pub fn release(&self, fh: u64) -> FsResult<()> {
+        self.handles.remove(fh);
+        Ok(())
+    }
+
+    pub fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {
+        sys::fsync(self.fd_of(fh)?.fd.as_fd(), datasync)
+    }
+
+    pub fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let fd = self.inodes.open(ino, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        Ok(self.handles.insert(fd, ino))
+    }
+
+    /// Entries of directory `fh` after cookie `offset` (one batch; call again from the last
+    /// entry's offset for more). An empty batch is the end.
+    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Vec<DirEntry>> {
+        let f = self.fd_of(fh)?;
+        let _g = f.dir_lock.lock();
+        let mut buf = vec![0u8; 32 * 1024];
+        let raw = sys::read_dir_at(f.fd.as_raw_fd(), offset as i64, &mut buf)?;
+        Ok(raw
+            .into_iter()
+            .map(|e| DirEntry {
+                ino: self.inodes.id_for_ino(e.ino),
+                offset: e.next_offset as u64,
+                kind: dtype_to_mode(e.d_type),
+                name: e.name,
+            })
+            .collect())
+    }
+
+    pub fn releasedir(&self, fh: u64) -> FsResult<()> {
+        self.handles.remove(fh);
+        Ok(())
+    }
+
+    pub fn fsyncdir(&self, fh: u64, datasync: bool) -> FsResult<()> {
+        sys::fsync(self.fd_of(fh)?.fd.as_fd(), datasync)
+    }
+
+    pub fn statfs(&self) -> FsResult<libc::statvfs> {
+        sys::fstatvfs(self.inodes.root_fd())
+    }
+
+    pub fn setxattr(
+        &self,
+        caller: Caller,
+        ino: u64,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+    ) -> FsResult<()> {
+        let fd = self.inodes.open(ino, libc::O_PATH)?;
+        let c = xattr_name(name)?;
+        let _as = AsCaller::new(caller)?;
+        sys::setxattr(fd.as_fd(), &c, value, flags)
+    }
+
+    /// `size == 0` asks for the length only.
+    pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> FsResult<Xattr> {
+        let fd = self.inodes.open(ino, libc::O_PATH)?;
+        let c = xattr_name(name)?;
+        if size == 0 {
+            return sys::getxattr(fd.as_fd(), &c, &mut []).map(|n| Xattr::Size(n as u32));
+        }
+        let mut buf = vec![0u8; size as usize];
+        let n = sys::getxattr(fd.as_fd(), &c, &mut buf)?;
+        buf.truncate(n);
+        Ok(Xattr::Data(buf))
+    }
+
+    pub fn listxattr(&self, ino: u64, size: u32) -> FsResult<Xattr> {
+        let fd = self.inodes.open(ino, libc::O_PATH)?;
+        if size == 0 {
+            return sys::listxattr(fd.as_fd(), &mut []).map(|n| Xattr::Size(n as u32));
+        }
+        let mut buf = vec![0u8; size as usize];
+        let n = sys::listxattr(fd.as_fd(), &mut buf)?;
+        buf.truncate(n);
+        Ok(Xattr::Data(buf))
+    }
+
+    pub fn removexattr(&self, caller: Caller, ino: u64, name: &OsStr) -> FsResult<()> {
+        let fd = self.inodes.open(ino, libc::O_PATH)?;
+        let c = xattr_name(name)?;
+        let _as = AsCaller::new(caller)?;
+        sys::removexattr(fd.as_fd(), &c)
+    }
+
+    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
+        sys::fallocate(self.fd_of(fh)?.fd.as_fd(), mode, offset, length)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        offset_in: u64,
+        fh_out: u64,
+        offset_out: u64,
+        len: u64,
+        flags: u32,
+    ) -> FsResult<u32> {
+        let (fi, fo) = (self.fd_of(fh_in)?, self.fd_of(fh_out)?);
+        let len = len.min(u32::MAX as u64 & !0xfff);
+        sys::copy_file_range(
+            fi.fd.as_fd(),
+            offset_in,
+            fo.fd.as_fd(),
+            offset_out,
+            len,
+            flags,
+        )
+        .map(|n| n as u32)
+    }
+
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> FsResult<i64> {
+        sys::lseek(self.fd_of(fh)?.fd.as_fd(), offset, whence)
+    }
+}
+
+/// A `getxattr`/`listxattr` answer: the size asked for, or the data.
+#[derive(Debug)]
+pub enum Xattr {
+    Size(u32),
+    Data(Vec<u8>),
+}
+
+fn xattr_name(name: &OsStr) -> FsResult<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(name.as_bytes()).map_err(|_| Errno::EINVAL)
+}
+
+fn dtype_to_mode(d: u8) -> u32 {
+    match d {
+        libc::DT_DIR => libc::S_IFDIR,
+        libc::DT_REG => libc::S_IFREG,
+        libc::DT_LNK => libc::S_IFLNK,
+        libc::DT_CHR => libc::S_IFCHR,
+        libc::DT_BLK => libc::S_IFBLK,
+        libc::DT_FIFO => libc::S_IFIFO,
+        libc::DT_SOCK => libc::S_IFSOCK,
+        _ => 0,
+    }
+}

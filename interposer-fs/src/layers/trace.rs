@@ -1,0 +1,221 @@
+//! `trace`: one OpenTelemetry span per operation, grouped under a span per open-file session.
+//!
+//! Span names are the operation names (`read`, `rename`). Attributes follow OpenTelemetry
+//! semantic conventions where one exists (`file.path`, `process.pid`, `error.type`) and use the
+//! `interposer.*` namespace otherwise. With `trace.fileSpans` on, `open`/`create` start a
+//! `file.session` span that ends at `release`; every operation on that handle is its child, so
+//! Jaeger shows one tree per opened file. Spans are only queued here; export is the batch
+//! processor's business (see `telemetry::otlp`).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use opentelemetry::trace::{Span, SpanKind, Status, TraceContextExt, Tracer};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+use parking_lot::Mutex;
+
+use crate::fs::op::{Op, OpInfo, OpResult, OpSet};
+use crate::layers::Layer;
+use crate::params::{TraceParams, errno_name};
+
+const SHARDS: usize = 16;
+
+pub struct TraceLayer {
+    tracer: SdkTracer,
+    ops: OpSet,
+    file_spans: bool,
+    /// Open-file sessions by file handle; sharded so parallel opens rarely contend.
+    sessions: [Mutex<HashMap<u64, Context>>; SHARDS],
+    /// pid → (process name, when read). Bounded; refreshed so a reused pid is not misnamed long.
+    comm_cache: Mutex<HashMap<u32, (String, Instant)>>,
+}
+
+impl TraceLayer {
+    pub fn new(provider: &SdkTracerProvider, params: &TraceParams) -> Self {
+        use opentelemetry::trace::TracerProvider as _;
+        TraceLayer {
+            tracer: provider.tracer("interposer-fs"),
+            ops: params.ops,
+            file_spans: params.file_spans,
+            sessions: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            comm_cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn shard(&self, fh: u64) -> &Mutex<HashMap<u64, Context>> {
+        &self.sessions[(fh as usize) % SHARDS]
+    }
+
+    fn process_name(&self, pid: u32) -> Option<String> {
+        if pid == 0 {
+            return None;
+        }
+        let mut cache = self.comm_cache.lock();
+        if let Some((name, at)) = cache.get(&pid) {
+            if at.elapsed() < Duration::from_secs(10) {
+                return Some(name.clone());
+            }
+        }
+        let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .ok()?
+            .trim_end()
+            .to_string();
+        if cache.len() > 4096 {
+            cache.clear();
+        }
+        cache.insert(pid, (name.clone(), Instant::now()));
+        Some(name)
+    }
+
+    fn attributes(&self, info: &OpInfo<'_>) -> Vec<KeyValue> {
+        let mut attrs = Vec::with_capacity(12);
+        attrs.push(KeyValue::new("file.path", info.path().to_string()));
+        if let Some(np) = info.new_path() {
+            attrs.push(KeyValue::new("interposer.new_path", np.to_string()));
+        }
+        attrs.push(KeyValue::new("process.pid", info.caller.pid as i64));
+        attrs.push(KeyValue::new("process.user.id", info.caller.uid as i64));
+        attrs.push(KeyValue::new("process.group.id", info.caller.gid as i64));
+        if let Some(name) = self.process_name(info.caller.pid) {
+            attrs.push(KeyValue::new("process.executable.name", name));
+        }
+        attrs.push(KeyValue::new("interposer.inode", info.ino as i64));
+        if let Some(fh) = info.fh {
+            attrs.push(KeyValue::new("interposer.fh", fh as i64));
+        }
+        if let Some(off) = info.offset {
+            attrs.push(KeyValue::new("interposer.offset", off as i64));
+        }
+        if let Some(size) = info.size {
+            attrs.push(KeyValue::new("interposer.size", size as i64));
+        }
+        if let Some(flags) = info.flags {
+            attrs.push(KeyValue::new("interposer.flags", format!("{flags:#o}")));
+        }
+        attrs
+    }
+
+    fn finish(&self, span: &mut impl Span, info: &OpInfo<'_>, result: &OpResult) {
+        if let Some(errno) = info.injected_errno.get() {
+            span.add_event(
+                "fault.injected",
+                vec![KeyValue::new("error.type", errno_name(errno).into_owned())],
+            );
+            span.set_attribute(KeyValue::new("interposer.fault.injected", true));
+        }
+        let delay = info.injected_delay.get();
+        if !delay.is_zero() {
+            span.add_event(
+                "fault.delay",
+                vec![KeyValue::new(
+                    "interposer.delay_ms",
+                    delay.as_secs_f64() * 1e3,
+                )],
+            );
+        }
+        let wait = info.throttle_wait.get();
+        if !wait.is_zero() {
+            span.add_event(
+                "throttle.wait",
+                vec![KeyValue::new(
+                    "interposer.wait_ms",
+                    wait.as_secs_f64() * 1e3,
+                )],
+            );
+            span.set_attribute(KeyValue::new(
+                "interposer.throttle.wait_ms",
+                wait.as_secs_f64() * 1e3,
+            ));
+        }
+        match result {
+            Ok(outcome) => {
+                if info.op.direction().is_some() {
+                    span.set_attribute(KeyValue::new("interposer.bytes", outcome.bytes as i64));
+                }
+                if let Some(fh) = outcome.fh {
+                    span.set_attribute(KeyValue::new("interposer.fh", fh as i64));
+                }
+            }
+            Err(errno) => {
+                let name = errno_name(errno.0).into_owned();
+                span.set_attribute(KeyValue::new("error.type", name.clone()));
+                span.set_status(Status::error(name));
+            }
+        }
+    }
+}
+
+impl Layer for TraceLayer {
+    fn call(&self, info: &OpInfo<'_>, next: &mut dyn FnMut() -> OpResult) -> OpResult {
+        let opens_session = self.file_spans && matches!(info.op, Op::Open | Op::Create);
+        let traced = self.ops.contains(info.op);
+        let closes_session = self.file_spans && info.op == Op::Release;
+        if !(traced || opens_session || closes_session) {
+            return next();
+        }
+        let start = SystemTime::now();
+        // Parent: the file session of this handle, if any.
+        let mut parent = info
+            .fh
+            .and_then(|fh| self.shard(fh).lock().get(&fh).cloned())
+            .unwrap_or_default();
+        if opens_session {
+            let session = self
+                .tracer
+                .span_builder("file.session")
+                .with_kind(SpanKind::Internal)
+                .with_start_time(start)
+                .with_attributes(vec![KeyValue::new("file.path", info.path().to_string())])
+                .start(&self.tracer);
+            parent = Context::new().with_span(session);
+        }
+        let mut span = traced.then(|| {
+            self.tracer
+                .span_builder(info.op.name())
+                .with_kind(SpanKind::Internal)
+                .with_start_time(start)
+                .with_attributes(self.attributes(info))
+                .start_with_context(&self.tracer, &parent)
+        });
+        let result = next();
+        if let Some(span) = span.as_mut() {
+            self.finish(span, info, &result);
+            span.end();
+        }
+        if opens_session {
+            match result {
+                Ok(outcome) if outcome.fh.is_some() => {
+                    let fh = outcome.fh.unwrap_or_default();
+                    parent
+                        .span()
+                        .set_attribute(KeyValue::new("interposer.fh", fh as i64));
+                    self.shard(fh).lock().insert(fh, parent);
+                }
+                _ => {
+                    let s = parent.span();
+                    s.set_status(Status::error("open failed"));
+                    s.end();
+                }
+            }
+        } else if info.op == Op::Release {
+            if let Some(fh) = info.fh {
+                if let Some(cx) = self.shard(fh).lock().remove(&fh) {
+                    cx.span().end();
+                }
+            }
+        }
+        result
+    }
+}
+
+impl Drop for TraceLayer {
+    fn drop(&mut self) {
+        // Sessions still open at unmount end here, so their children are not orphaned.
+        for shard in &self.sessions {
+            for (_, cx) in shard.lock().drain() {
+                cx.span().end();
+            }
+        }
+    }
+}
