@@ -21,14 +21,24 @@ use crate::params::{TraceParams, errno_name};
 
 const SHARDS: usize = 16;
 
+/// What a span says about the calling process.
+#[derive(Clone)]
+struct ProcessInfo {
+    /// Thread group id: the process id users know.
+    pid: u32,
+    name: String,
+    read_at: Instant,
+}
+
 pub struct TraceLayer {
     tracer: SdkTracer,
     ops: OpSet,
     file_spans: bool,
     /// Open-file sessions by file handle; sharded so parallel opens rarely contend.
     sessions: [Mutex<HashMap<u64, Context>>; SHARDS],
-    /// pid → (process name, when read). Bounded; refreshed so a reused pid is not misnamed long.
-    comm_cache: Mutex<HashMap<u32, (String, Instant)>>,
+    /// thread id → ((tgid, process name), when read). Bounded; refreshed so a reused id is not
+    /// misnamed for long.
+    comm_cache: Mutex<HashMap<u32, ProcessInfo>>,
 }
 
 impl TraceLayer {
@@ -47,25 +57,35 @@ impl TraceLayer {
         &self.sessions[(fh as usize) % SHARDS]
     }
 
-    fn process_name(&self, pid: u32) -> Option<String> {
-        if pid == 0 {
+    /// Process id (tgid) and name for the kernel's request pid, which is a thread id.
+    fn process_of(&self, tid: u32) -> Option<ProcessInfo> {
+        if tid == 0 {
             return None;
         }
         let mut cache = self.comm_cache.lock();
-        if let Some((name, at)) = cache.get(&pid) {
-            if at.elapsed() < Duration::from_secs(10) {
-                return Some(name.clone());
+        if let Some(p) = cache.get(&tid) {
+            if p.read_at.elapsed() < Duration::from_secs(10) {
+                return Some(p.clone());
             }
         }
-        let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-            .ok()?
-            .trim_end()
-            .to_string();
+        let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+        };
+        let tgid = field("Tgid:")?.parse().ok()?;
+        let proc = ProcessInfo {
+            pid: tgid,
+            name: field("Name:")?,
+            read_at: Instant::now(),
+        };
         if cache.len() > 4096 {
             cache.clear();
         }
-        cache.insert(pid, (name.clone(), Instant::now()));
-        Some(name)
+        cache.insert(tid, proc.clone());
+        Some(proc)
     }
 
     fn attributes(&self, info: &OpInfo<'_>) -> Vec<KeyValue> {
@@ -74,12 +94,17 @@ impl TraceLayer {
         if let Some(np) = info.new_path() {
             attrs.push(KeyValue::new("interposer.new_path", np.to_string()));
         }
-        attrs.push(KeyValue::new("process.pid", info.caller.pid as i64));
+        let tid = info.caller.pid;
+        match self.process_of(tid) {
+            Some(p) => {
+                attrs.push(KeyValue::new("process.pid", p.pid as i64));
+                attrs.push(KeyValue::new("process.executable.name", p.name));
+            }
+            None => attrs.push(KeyValue::new("process.pid", tid as i64)),
+        }
+        attrs.push(KeyValue::new("thread.id", tid as i64));
         attrs.push(KeyValue::new("process.user.id", info.caller.uid as i64));
         attrs.push(KeyValue::new("process.group.id", info.caller.gid as i64));
-        if let Some(name) = self.process_name(info.caller.pid) {
-            attrs.push(KeyValue::new("process.executable.name", name));
-        }
         attrs.push(KeyValue::new("interposer.inode", info.ino as i64));
         if let Some(fh) = info.fh {
             attrs.push(KeyValue::new("interposer.fh", fh as i64));

@@ -1,0 +1,421 @@
+//! The layers over a real mount: faults a real process sees, replayable seeds, a measured
+//! throttle rate, metrics that count exactly, and spans at a real OTLP/gRPC receiver.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Volume, http_get, metric};
+
+#[test]
+fn a_write_fault_on_log_files_fails_a_real_process_while_other_files_work() {
+    let v = Volume::start(&[
+        "layers=metrics,fault",
+        "fault.ops=write",
+        "fault.paths=*.log",
+        "fault.probability=1",
+        "fault.errno=ENOSPC",
+    ]);
+    fs::create_dir(v.path("logs")).unwrap();
+    let out = Command::new("dd")
+        .args(["if=/dev/zero", "bs=4096", "count=1"])
+        .arg(format!("of={}", v.path("logs/app.log").display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "dd's write must fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("No space left on device"), "{err}");
+
+    let e = fs::write(v.path("logs/app.log"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+    assert!(
+        v.source_path("logs/app.log").exists(),
+        "create is not a write: the file exists"
+    );
+    assert_eq!(
+        fs::metadata(v.source_path("logs/app.log")).unwrap().len(),
+        0
+    );
+
+    fs::write(v.path("logs/app.txt"), b"fine").unwrap();
+    assert_eq!(fs::read(v.source_path("logs/app.txt")).unwrap(), b"fine");
+    assert_eq!(
+        fs::read(v.path("logs/app.log")).unwrap(),
+        b"",
+        "reads of .log are untouched"
+    );
+}
+
+fn fault_pattern(seed: &str) -> Vec<bool> {
+    let v = Volume::start(&[
+        "layers=fault",
+        "fault.ops=write",
+        "fault.probability=0.5",
+        &format!("fault.seed={seed}"),
+    ]);
+    let f = fs::File::create(v.path("f")).unwrap();
+    (0..200u64)
+        .map(|i| f.write_at(b"0123456789", i * 10).is_err())
+        .collect()
+}
+
+#[test]
+fn two_runs_with_the_same_seed_fail_the_same_operations() {
+    let a = fault_pattern("1234");
+    let b = fault_pattern("1234");
+    assert_eq!(a, b, "same seed, same operations, same faults");
+    let fails = a.iter().filter(|&&x| x).count();
+    assert!(
+        (60..=140).contains(&fails),
+        "probability 0.5 over 200 writes gave {fails}"
+    );
+    assert_ne!(a, fault_pattern("99"), "another seed gives other faults");
+}
+
+#[test]
+fn throttle_at_20_mib_per_second_writes_at_that_rate() {
+    // Tolerance ±5% (the issue's): the bucket starts empty at mount, so the only slack is
+    // sleep overshoot and scheduling on this 2-core machine, which makes the rate lower, never
+    // higher, and stays well under 1% per second of run time in practice.
+    let v = Volume::start(&[
+        "layers=metrics,throttle",
+        "throttle.writeBytesPerSecond=20Mi",
+        "metrics.address=127.0.0.1:0",
+    ]);
+    let chunk = vec![0xabu8; 1 << 20];
+    let total_mib = 200u64;
+    let mut f = fs::File::create(v.path("big")).unwrap();
+    let t = Instant::now();
+    for _ in 0..total_mib {
+        f.write_all(&chunk).unwrap();
+    }
+    f.sync_all().unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    let rate = total_mib as f64 / secs;
+    println!("throttle: {total_mib} MiB in {secs:.2} s = {rate:.2} MiB/s (limit 20 MiB/s)");
+    assert!(
+        (19.0..=21.0).contains(&rate),
+        "achieved {rate:.2} MiB/s, limit 20 MiB/s ±5%"
+    );
+    let m = http_get(&v.metrics_url());
+    let waited = metric(
+        &m,
+        r#"interposer_throttle_wait_seconds_total{volume="mnt",direction="write"}"#,
+    )
+    .unwrap_or(0.0);
+    assert!(
+        waited > 5.0,
+        "the waits show in telemetry ({waited} s)\n{m}"
+    );
+}
+
+#[test]
+fn metrics_counters_equal_the_operations_performed() {
+    let v = Volume::start(&[
+        "layers=metrics",
+        "metrics.address=127.0.0.1:0",
+        "volumeId=vol-7",
+        "pvcName=data",
+        "pvcNamespace=team",
+    ]);
+    fs::create_dir(v.path("d1")).unwrap();
+    fs::create_dir(v.path("d2")).unwrap();
+    let mut f = fs::File::create(v.path("d1/f")).unwrap();
+    for _ in 0..10 {
+        f.write_all(&[7u8; 4096]).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    assert_eq!(fs::read(v.path("d1/f")).unwrap().len(), 40960);
+    fs::remove_file(v.path("d1/f")).unwrap();
+    assert!(fs::remove_dir(v.path("d1/nope")).is_err());
+
+    let m = http_get(&v.metrics_url());
+    let labels = r#"volume="vol-7",pvc="data",namespace="team""#;
+    let get = |s: &str| {
+        metric(&m, &format!("interposer_{s}")).unwrap_or_else(|| panic!("no {s} in\n{m}"))
+    };
+    assert_eq!(
+        get(&format!(
+            r#"operations_total{{{labels},op="write",result="ok"}}"#
+        )),
+        10.0
+    );
+    assert_eq!(
+        get(&format!(
+            r#"operations_total{{{labels},op="mkdir",result="ok"}}"#
+        )),
+        2.0
+    );
+    assert_eq!(
+        get(&format!(
+            r#"operations_total{{{labels},op="create",result="ok"}}"#
+        )),
+        1.0
+    );
+    assert_eq!(
+        get(&format!(
+            r#"operations_total{{{labels},op="unlink",result="ok"}}"#
+        )),
+        1.0
+    );
+    assert_eq!(
+        get(&format!(
+            r#"operations_total{{{labels},op="fsync",result="ok"}}"#
+        )),
+        1.0
+    );
+    assert_eq!(get(&format!(r#"written_bytes_total{{{labels}}}"#)), 40960.0);
+    assert_eq!(get(&format!(r#"read_bytes_total{{{labels}}}"#)), 40960.0);
+    assert_eq!(
+        get(&format!(
+            r#"operation_duration_seconds_count{{{labels},op="write"}}"#
+        )),
+        10.0
+    );
+    assert!(
+        get(&format!(
+            r#"operations_total{{{labels},op="lookup",result="ENOENT"}}"#
+        )) >= 1.0
+    );
+}
+
+// --- A real OTLP/gRPC receiver -------------------------------------------------------------
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::trace::v1::Span;
+
+type Attrs = Vec<(String, String)>;
+
+#[derive(Clone, Default)]
+struct Receiver {
+    /// Each span with its resource attributes.
+    spans: Arc<Mutex<Vec<(Attrs, Span)>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            let resource = rs
+                .resource
+                .map(|r| attrs(&r.attributes))
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for s in ss.spans {
+                    spans.push((resource.clone(), s));
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+fn attrs(kv: &[opentelemetry_proto::tonic::common::v1::KeyValue]) -> Vec<(String, String)> {
+    kv.iter()
+        .map(|kv| {
+            let v = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                Some(Value::StringValue(s)) => s.clone(),
+                Some(Value::IntValue(i)) => i.to_string(),
+                Some(Value::BoolValue(b)) => b.to_string(),
+                Some(Value::DoubleValue(d)) => d.to_string(),
+                _ => String::new(),
+            };
+            (kv.key.clone(), v)
+        })
+        .collect()
+}
+
+fn attr(span: &Span, key: &str) -> Option<String> {
+    attrs(&span.attributes)
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
+}
+
+/// Start the receiver on a free loopback port; returns its endpoint.
+fn start_receiver() -> (Receiver, String, std::sync::mpsc::Sender<()>) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let receiver = Receiver::default();
+    let svc = TraceServiceServer::new(receiver.clone());
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let stop = async move {
+                let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
+            };
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_shutdown(addr, stop)
+                .await
+                .unwrap();
+        });
+    });
+    // Wait until it listens.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "OTLP receiver did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (receiver, format!("http://{addr}"), stop_tx)
+}
+
+#[test]
+fn spans_reach_an_otlp_receiver_with_paths_callers_sessions_and_faults() {
+    let (receiver, endpoint, _stop) = start_receiver();
+    let v = Volume::start_with_env(
+        &[
+            "layers=trace,metrics,fault",
+            "fault.ops=unlink",
+            "fault.paths=*.doomed",
+            "fault.probability=1",
+            "fault.errno=EACCES",
+            "pvcName=data",
+            "pvcNamespace=team",
+            "podName=app-0",
+            "nodeName=node-a",
+        ],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_SERVICE_NAME", "itest"),
+        ],
+    );
+    fs::create_dir(v.path("d")).unwrap();
+    let mut f = fs::File::create(v.path("d/a.txt")).unwrap();
+    f.write_all(b"hello spans").unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    fs::rename(v.path("d/a.txt"), v.path("d/b.txt")).unwrap();
+    assert_eq!(fs::read(v.path("d/b.txt")).unwrap(), b"hello spans");
+    fs::write(v.path("x.doomed"), b"").unwrap();
+    let e = fs::remove_file(v.path("x.doomed")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES));
+
+    let find = |pred: &dyn Fn(&Span) -> bool| -> Option<Span> {
+        receiver
+            .spans
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, s)| s)
+            .find(|s| pred(s))
+            .cloned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let has_all = || {
+        find(&|s| s.name == "unlink" && attr(s, "file.path").as_deref() == Some("x.doomed"))
+            .is_some()
+            && find(&|s| s.name == "read" && attr(s, "file.path").as_deref() == Some("d/b.txt"))
+                .is_some()
+    };
+    while !has_all() {
+        assert!(
+            Instant::now() < deadline,
+            "spans did not arrive; got {:?}",
+            receiver
+                .spans
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(_, s)| (s.name.clone(), attr(s, "file.path")))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let write = find(&|s| s.name == "write" && attr(s, "file.path").as_deref() == Some("d/a.txt"))
+        .expect("write span");
+    assert_eq!(
+        attr(&write, "process.pid"),
+        Some(std::process::id().to_string())
+    );
+    assert_eq!(attr(&write, "process.user.id").as_deref(), Some("0"));
+    assert_eq!(attr(&write, "process.group.id").as_deref(), Some("0"));
+    assert!(attr(&write, "process.executable.name").is_some());
+    assert_eq!(attr(&write, "interposer.offset").as_deref(), Some("0"));
+    assert_eq!(attr(&write, "interposer.size").as_deref(), Some("11"));
+    assert_eq!(attr(&write, "interposer.bytes").as_deref(), Some("11"));
+
+    let session = find(&|s| s.span_id == write.parent_span_id).expect("the write's parent span");
+    assert_eq!(session.name, "file.session");
+    assert_eq!(attr(&session, "file.path").as_deref(), Some("d/a.txt"));
+    let create =
+        find(&|s| s.name == "create" && attr(s, "file.path").as_deref() == Some("d/a.txt"))
+            .expect("create span");
+    assert_eq!(
+        create.parent_span_id, session.span_id,
+        "create belongs to the session it opened"
+    );
+
+    let rename = find(&|s| s.name == "rename").expect("rename span");
+    assert_eq!(attr(&rename, "file.path").as_deref(), Some("d/a.txt"));
+    assert_eq!(
+        attr(&rename, "interposer.new_path").as_deref(),
+        Some("d/b.txt")
+    );
+
+    let unlink =
+        find(&|s| s.name == "unlink" && attr(s, "file.path").as_deref() == Some("x.doomed"))
+            .unwrap();
+    assert_eq!(attr(&unlink, "error.type").as_deref(), Some("EACCES"));
+    assert!(
+        unlink.events.iter().any(|e| e.name == "fault.injected"),
+        "the injected fault is an event"
+    );
+
+    let resource = receiver.spans.lock().unwrap()[0].0.clone();
+    let res = |k: &str| {
+        resource
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(res("service.name").as_deref(), Some("itest"));
+    assert_eq!(res("k8s.pvc.name").as_deref(), Some("data"));
+    assert_eq!(res("k8s.pod.name").as_deref(), Some("app-0"));
+    assert_eq!(res("k8s.node.name").as_deref(), Some("node-a"));
+}
+
+#[test]
+fn io_keeps_working_when_no_collector_listens() {
+    // Port 9 (discard) on loopback: nothing listens; exports fail, I/O must not notice.
+    let v = Volume::start_with_env(
+        &["layers=trace"],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")],
+    );
+    let t = Instant::now();
+    for i in 0..2000 {
+        fs::write(v.path(&format!("f{}", i % 50)), b"payload").unwrap();
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "I/O stalled behind a dead collector: {:?}",
+        t.elapsed()
+    );
+}

@@ -1,0 +1,362 @@
+//! The passthrough over a real mount: data, names, links, xattrs, and every bad input refused
+//! with nothing mounted.
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::process::Command;
+
+use common::{BIN, Volume, is_mounted};
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn data_written_through_the_mount_is_byte_identical_in_source_and_back() {
+    let v = Volume::start(&["layers="]);
+    let data = pseudo_random(5 * 1024 * 1024 + 123, 42);
+    fs::write(v.path("blob"), &data).unwrap();
+    assert_eq!(
+        fs::read(v.source_path("blob")).unwrap(),
+        data,
+        "SOURCE sees the bytes"
+    );
+    let other = pseudo_random(1 << 20, 7);
+    fs::write(v.source_path("from-source"), &other).unwrap();
+    assert_eq!(
+        fs::read(v.path("from-source")).unwrap(),
+        other,
+        "the mount sees SOURCE"
+    );
+
+    // Random-access overwrite, then read back at an offset.
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(v.path("blob"))
+        .unwrap();
+    f.seek(SeekFrom::Start(4096 * 3 + 5)).unwrap();
+    f.write_all(b"patched").unwrap();
+    f.sync_all().unwrap();
+    let mut buf = [0u8; 7];
+    f.seek(SeekFrom::Start(4096 * 3 + 5)).unwrap();
+    f.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"patched");
+    assert_eq!(
+        &fs::read(v.source_path("blob")).unwrap()[4096 * 3 + 5..][..7],
+        b"patched"
+    );
+}
+
+#[test]
+fn rename_link_symlink_xattr_and_fsync_round_trip() {
+    let v = Volume::start(&["layers=trace,metrics,fault,throttle"]);
+    fs::create_dir_all(v.path("a/b")).unwrap();
+    fs::write(v.path("a/b/f"), b"one").unwrap();
+
+    fs::rename(v.path("a/b/f"), v.path("a/g")).unwrap();
+    assert!(!v.source_path("a/b/f").exists());
+    assert_eq!(fs::read(v.source_path("a/g")).unwrap(), b"one");
+
+    fs::hard_link(v.path("a/g"), v.path("h")).unwrap();
+    let (m1, m2) = (
+        fs::metadata(v.path("a/g")).unwrap(),
+        fs::metadata(v.path("h")).unwrap(),
+    );
+    assert_eq!(m1.ino(), m2.ino(), "hard links are one inode");
+    assert_eq!(m1.nlink(), 2);
+    assert_eq!(
+        m1.ino(),
+        fs::metadata(v.source_path("h")).unwrap().ino(),
+        "real inode numbers"
+    );
+
+    std::os::unix::fs::symlink("a/g", v.path("s")).unwrap();
+    assert_eq!(fs::read_link(v.path("s")).unwrap().to_str(), Some("a/g"));
+    assert_eq!(
+        fs::read_link(v.source_path("s")).unwrap().to_str(),
+        Some("a/g")
+    );
+    assert_eq!(fs::read(v.path("s")).unwrap(), b"one");
+
+    let st = Command::new("setfattr")
+        .args(["-n", "user.color", "-v", "blue"])
+        .arg(v.path("h"))
+        .status()
+        .expect("setfattr (Debian package attr)");
+    assert!(st.success());
+    let out = Command::new("getfattr")
+        .args(["--only-values", "-n", "user.color"])
+        .arg(v.source_path("a/g"))
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout, b"blue", "the xattr reached SOURCE");
+
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(v.path("h"))
+        .unwrap();
+    f.write_all(b"+two").unwrap();
+    f.sync_all().unwrap();
+    f.sync_data().unwrap();
+    assert_eq!(fs::read(v.source_path("a/g")).unwrap(), b"one+two");
+
+    fs::set_permissions(v.path("h"), fs::Permissions::from_mode(0o640)).unwrap();
+    assert_eq!(
+        fs::metadata(v.source_path("h")).unwrap().mode() & 0o7777,
+        0o640
+    );
+
+    // rename(2) with RENAME_EXCHANGE swaps two names atomically.
+    fs::write(v.path("x"), b"x").unwrap();
+    fs::write(v.path("y"), b"y").unwrap();
+    let r = unsafe {
+        let (x, y) = (c"x", c"y");
+        let dir = fs::File::open(&v.mnt).unwrap();
+        use std::os::fd::AsRawFd;
+        libc::renameat2(
+            dir.as_raw_fd(),
+            x.as_ptr(),
+            dir.as_raw_fd(),
+            y.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "renameat2 exchange: {}",
+        std::io::Error::last_os_error()
+    );
+    assert_eq!(fs::read(v.source_path("x")).unwrap(), b"y");
+
+    fs::remove_file(v.path("h")).unwrap();
+    fs::remove_file(v.path("a/g")).unwrap();
+    fs::remove_dir(v.path("a/b")).unwrap();
+    assert!(!v.source_path("a/b").exists());
+}
+
+#[test]
+fn fallocate_copy_file_range_and_seek_data_work_through_the_mount() {
+    let v = Volume::start(&["layers=metrics"]);
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(v.path("sparse"))
+        .unwrap();
+    use std::os::fd::AsRawFd;
+    let fd = f.as_raw_fd();
+    assert_eq!(
+        unsafe { libc::fallocate(fd, 0, 0, 1 << 20) },
+        0,
+        "{}",
+        std::io::Error::last_os_error()
+    );
+    assert_eq!(f.metadata().unwrap().len(), 1 << 20);
+    // Real data (preallocated blocks count as holes for SEEK_DATA), then punch the first half.
+    f.write_all_at(&vec![1u8; 1 << 20], 0).unwrap();
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    assert_eq!(unsafe { libc::fallocate(fd, punch, 0, 1 << 19) }, 0);
+    let data = unsafe { libc::lseek(fd, 0, libc::SEEK_DATA) };
+    assert_eq!(data, 1 << 19, "SEEK_DATA finds the end of the punched hole");
+
+    fs::write(v.path("src"), pseudo_random(300_000, 3)).unwrap();
+    let out = Command::new("cp")
+        .arg("--reflink=never")
+        .arg(v.path("src"))
+        .arg(v.path("dst"))
+        .status()
+        .unwrap();
+    assert!(out.success());
+    assert_eq!(
+        fs::read(v.source_path("dst")).unwrap(),
+        fs::read(v.source_path("src")).unwrap()
+    );
+    let (i, o) = (
+        fs::File::open(v.path("src")).unwrap(),
+        fs::File::create(v.path("dst2")).unwrap(),
+    );
+    let n = unsafe {
+        libc::copy_file_range(
+            i.as_raw_fd(),
+            std::ptr::null_mut(),
+            o.as_raw_fd(),
+            std::ptr::null_mut(),
+            300_000,
+            0,
+        )
+    };
+    assert!(
+        n > 0,
+        "copy_file_range: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+#[test]
+fn files_made_by_other_users_belong_to_them_and_permissions_hold() {
+    let v = Volume::start(&["layers="]);
+    fs::set_permissions(&v.mnt, fs::Permissions::from_mode(0o1777)).unwrap();
+    fs::write(v.path("secret"), b"root only").unwrap();
+    fs::set_permissions(v.path("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    let status = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c"])
+        .arg(format!(
+            "echo hi > {0}/mine && mkdir {0}/mydir && ! cat {0}/secret 2>/dev/null && ! rm -f {0}/secret",
+            v.mnt.display()
+        ))
+        .status()
+        .expect("setpriv (util-linux)");
+    assert!(
+        status.success(),
+        "an unprivileged user works in the volume but cannot read or remove root's private file"
+    );
+    for name in ["mine", "mydir"] {
+        let m = fs::metadata(v.source_path(name)).unwrap();
+        assert_eq!(
+            (m.uid(), m.gid()),
+            (65534, 65534),
+            "{name} is owned by its creator, not by root"
+        );
+    }
+    assert_eq!(fs::read(v.source_path("secret")).unwrap(), b"root only");
+}
+
+#[test]
+fn many_files_need_no_descriptor_each_and_forgotten_inodes_are_dropped() {
+    let v = Volume::start(&["layers="]);
+    for i in 0..3000 {
+        fs::write(v.path(&format!("f{i}")), b"x").unwrap();
+    }
+    for i in 0..3000 {
+        assert_eq!(fs::metadata(v.path(&format!("f{i}"))).unwrap().len(), 1);
+    }
+    let pid = Command::new("pgrep")
+        .args(["-f", &format!("{BIN} {}", v.source.display())])
+        .output()
+        .unwrap();
+    let pid = String::from_utf8_lossy(&pid.stdout)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    assert!(!pid.is_empty(), "daemon pid");
+    let fds = fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    assert!(
+        fds < 200,
+        "3000 known inodes must not hold 3000 descriptors (holding {fds})"
+    );
+}
+
+fn run_bad(args: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run interposer-fs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_input_exits_non_zero_naming_the_problem_with_nothing_mounted() {
+    common::require_fuse();
+    let dir = tempfile::tempdir().unwrap();
+    let (src, mnt) = (dir.path().join("src"), dir.path().join("mnt"));
+    fs::create_dir(&src).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    let file = dir.path().join("file");
+    fs::write(&file, b"").unwrap();
+    let (s, m, f) = (
+        src.to_str().unwrap(),
+        mnt.to_str().unwrap(),
+        file.to_str().unwrap(),
+    );
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![s, m, "-o", "fault.probabilty=0.5"],
+            "unknown parameter \"fault.probabilty\"",
+        ),
+        (
+            vec![s, m, "-o", "fault.probability=2"],
+            "\"fault.probability\": \"2\" is not valid; expected a number in 0..1",
+        ),
+        (vec![s, m, "-o", "layers=trace,nope"], "\"layers\""),
+        (vec![s, m, "-o", "fault.errno=EWHAT"], "an errno name"),
+        (
+            vec![s, m, "-o", "throttle.writeBytesPerSecond=fast"],
+            "Kubernetes quantity",
+        ),
+        (vec![s, m, "-o", "metrics.address=here"], "HOST:PORT"),
+        (
+            vec![
+                s,
+                m,
+                "-o",
+                "layers=trace",
+                "-o",
+                "metrics.address=127.0.0.1:0",
+            ],
+            "needs the metrics layer",
+        ),
+        (vec![f, m], "is not a directory"),
+        (vec!["/nonexistent/src", m], "is not a directory"),
+        (vec![s, f], "MOUNTPOINT"),
+    ];
+    for (args, want) in cases {
+        let (code, err) = run_bad(&args);
+        assert_ne!(code, 0, "{args:?} must fail");
+        assert!(err.contains(want), "{args:?}: expected {want:?} in: {err}");
+        assert!(!is_mounted(&mnt), "{args:?} left a mount");
+    }
+
+    // A mountpoint in use is refused, and the first mount stays intact.
+    let v = Volume::start(&["layers="]);
+    let (code, err) = run_bad(&[s, v.mnt.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("already a mount point"), "{err}");
+    let count = fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some(v.mnt.to_str().unwrap()))
+        .count();
+    assert_eq!(count, 1, "exactly the first mount is there");
+}
+
+#[test]
+fn sigterm_unmounts_cleanly_and_exits_zero() {
+    let mut v = Volume::start(&[
+        "layers=trace,metrics,fault,throttle",
+        "fault.delay=30s",
+        "fault.ops=read",
+    ]);
+    fs::write(v.path("f"), b"data").unwrap();
+    // A reader stuck in a 30 s injected delay must not hold up the unmount.
+    let p = v.path("f");
+    let reader = std::thread::spawn(move || fs::read(p));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let t = std::time::Instant::now();
+    let status = v.stop().expect("daemon was running");
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "unmount waited on a sleeping fault"
+    );
+    assert!(!is_mounted(&v.mnt));
+    let _ = reader.join();
+}
