@@ -360,3 +360,25 @@ fn sigterm_unmounts_cleanly_and_exits_zero() {
     assert!(!is_mounted(&v.mnt));
     let _ = reader.join();
 }
+
+#[test]
+fn kernel_passthrough_moves_data_without_the_daemon_seeing_reads_or_writes() {
+    let v = Volume::start(&[
+        "layers=metrics",
+        "kernelPassthrough=true",
+        "metrics.address=127.0.0.1:0",
+    ]);
+    let data = pseudo_random(3 << 20, 9);
+    fs::write(v.path("f"), &data).unwrap();
+    assert_eq!(fs::read(v.path("f")).unwrap(), data);
+    assert_eq!(fs::read(v.source_path("f")).unwrap(), data);
+    let m = common::http_get(&v.metrics_url());
+    assert!(
+        m.contains(r#"op="open",result="ok""#) || m.contains(r#"op="create",result="ok""#),
+        "{m}"
+    );
+    assert!(
+        !m.contains(r#"op="read""#) && !m.contains(r#"op="write""#),
+        "data went through the daemon:\n{m}"
+    );
+}
