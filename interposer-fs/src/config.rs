@@ -24,6 +24,10 @@ pub const DAEMON_KEYS: &[(&str, &str)] = &[
     ),
     ("threads", "FUSE worker threads, 1..64 (default 4)"),
     (
+        "capacity",
+        "volume size as a quantity (10Gi): writes past it fail with ENOSPC, df shows it (default: none)",
+    ),
+    (
         "cache.ttl",
         "how long the kernel may cache names and attributes, e.g. 1s, 0s (default 1s)",
     ),
@@ -71,6 +75,8 @@ pub struct DaemonConfig {
     pub metrics_address: Option<SocketAddr>,
     pub kernel_passthrough: bool,
     pub threads: usize,
+    /// Bytes the volume may hold (enforced by the passthrough).
+    pub capacity: Option<u64>,
     pub cache_ttl: Duration,
     pub allow_other: bool,
     pub read_only: bool,
@@ -99,6 +105,7 @@ impl DaemonConfig {
             metrics_address: None,
             kernel_passthrough: false,
             threads: 4,
+            capacity: None,
             cache_ttl: Duration::from_secs(1),
             allow_other: true,
             read_only: false,
@@ -136,6 +143,9 @@ impl DaemonConfig {
                         .ok()
                         .filter(|n| (1..=64).contains(n))
                         .ok_or_else(|| bad("an integer in 1..64"))?
+                }
+                "capacity" => {
+                    c.capacity = Some(crate::params::parse_quantity(key, need("a quantity")?)?)
                 }
                 "cache.ttl" => c.cache_ttl = parse_duration(key, need("a duration")?)?,
                 "allow_other" if value.is_none() => c.allow_other = true,

@@ -164,10 +164,11 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
             }
         }
     }
-    let passthrough = Passthrough::new(&c.source).map_err(|e| DaemonError::OpenSource {
-        path: c.source.clone(),
-        source: e.into(),
-    })?;
+    let passthrough =
+        Passthrough::new(&c.source, c.capacity).map_err(|e| DaemonError::OpenSource {
+            path: c.source.clone(),
+            source: e.into(),
+        })?;
     if !passthrough.inodes().handles_supported() {
         log::warn!(
             "SOURCE's filesystem has no file handles: each known inode will hold a descriptor"

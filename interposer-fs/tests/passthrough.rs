@@ -382,3 +382,32 @@ fn kernel_passthrough_moves_data_without_the_daemon_seeing_reads_or_writes() {
         "data went through the daemon:\n{m}"
     );
 }
+
+#[test]
+fn capacity_is_enforced_and_df_shows_the_volume_size() {
+    let v = Volume::start(&["layers=", "capacity=10Mi"]);
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let c = std::ffi::CString::new(v.mnt.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    assert_eq!(
+        st.f_blocks * st.f_frsize,
+        10 << 20,
+        "df shows the volume's size"
+    );
+
+    fs::write(v.path("a"), vec![1u8; 6 << 20]).unwrap();
+    let e = fs::write(v.path("b"), vec![1u8; 6 << 20]).unwrap_err();
+    assert_eq!(
+        e.raw_os_error(),
+        Some(libc::ENOSPC),
+        "writing past the size fails with ENOSPC"
+    );
+    assert!(fs::metadata(v.source_path("b")).unwrap().len() < 6 << 20);
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    assert!(st.f_bavail * st.f_frsize < 5 << 20, "free space went down");
+
+    // Freeing space makes room again.
+    fs::remove_file(v.path("a")).unwrap();
+    fs::remove_file(v.path("b")).unwrap();
+    fs::write(v.path("c"), vec![1u8; 8 << 20]).unwrap();
+}

@@ -6,10 +6,12 @@
 //! - `creds`: running a call with the caller's fsuid/fsgid/groups.
 //! - `inodes`: node ids ↔ backing inodes by file handle, with lookup counts.
 //! - `passthrough`: the operations themselves, each returning `FsResult`.
+//! - `quota`: capacity enforcement for volumes with a size.
 
 pub mod creds;
 pub mod errno;
 pub mod inodes;
 pub mod op;
 pub mod passthrough;
+pub mod quota;
 pub mod sys;

@@ -19,6 +19,7 @@ use crate::fs::creds::AsCaller;
 use crate::fs::errno::{Errno, FsResult};
 use crate::fs::inodes::InodeTable;
 use crate::fs::op::Caller;
+use crate::fs::quota::Quota;
 use crate::fs::sys;
 
 /// A node the kernel now knows, with its attributes.
@@ -101,6 +102,8 @@ const STRIP_OPEN_FLAGS: i32 =
 pub struct Passthrough {
     inodes: InodeTable,
     handles: Handles,
+    /// Set when the volume has a size to enforce.
+    quota: Option<Quota>,
 }
 
 fn to_timespec(t: Option<SetTime>) -> libc::timespec {
@@ -137,8 +140,8 @@ fn to_timespec(t: Option<SetTime>) -> libc::timespec {
 }
 
 impl Passthrough {
-    /// Serve the directory `source`.
-    pub fn new(source: &Path) -> FsResult<Self> {
+    /// Serve the directory `source`; with `capacity`, enforce that many bytes.
+    pub fn new(source: &Path, capacity: Option<u64>) -> FsResult<Self> {
         let c = sys::cpath(source)?;
         let fd = unsafe {
             libc::open(
@@ -151,9 +154,14 @@ impl Passthrough {
             return Err(Errno::last());
         }
         let root = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let quota = match capacity {
+            Some(limit) => Some(Quota::new(root.as_fd(), limit)?),
+            None => None,
+        };
         Ok(Passthrough {
             inodes: InodeTable::new(root)?,
             handles: Handles::default(),
+            quota,
         })
     }
 
@@ -210,9 +218,17 @@ impl Passthrough {
             sys::chown_fd(path_fd.as_fd(), set.uid, set.gid)?;
         }
         if let Some(size) = set.size {
+            let before = self
+                .quota
+                .as_ref()
+                .map(|_| sys::fstat(path_fd.as_fd()))
+                .transpose()?;
             match &open {
                 Some(f) => sys::ftruncate(f.fd.as_fd(), size)?,
                 None => sys::truncate_fd(path_fd.as_fd(), size)?,
+            }
+            if let (Some(q), Some(before)) = (&self.quota, before) {
+                q.account(&before, &sys::fstat(path_fd.as_fd())?);
             }
         }
         if set.atime.is_some() || set.mtime.is_some() {
@@ -248,7 +264,25 @@ impl Passthrough {
             let _as = AsCaller::new(caller)?;
             make(dir.as_fd(), &c)?;
         }
-        self.enter(parent, dir.as_fd(), name)
+        let entry = self.enter(parent, dir.as_fd(), name)?;
+        if let Some(q) = &self.quota {
+            if entry.attr.st_nlink <= 1 || entry.attr.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                q.created(&entry.attr);
+            }
+        }
+        Ok(entry)
+    }
+
+    /// For accounting: what `dir/name` is before it loses that name.
+    fn victim(&self, dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> Option<libc::stat> {
+        self.quota.as_ref()?;
+        sys::fstatat_nofollow(dir, name).ok()
+    }
+
+    fn freed(&self, victim: Option<libc::stat>) {
+        if let (Some(q), Some(st)) = (&self.quota, victim) {
+            q.unlinked(&st);
+        }
     }
 
     pub fn mknod(
@@ -296,15 +330,25 @@ impl Passthrough {
     pub fn unlink(&self, caller: Caller, parent: u64, name: &OsStr) -> FsResult<()> {
         let dir = self.inodes.open(parent, libc::O_PATH)?;
         let c = sys::cname(name)?;
-        let _as = AsCaller::new(caller)?;
-        sys::unlinkat(dir.as_fd(), &c, 0)
+        let victim = self.victim(dir.as_fd(), &c);
+        {
+            let _as = AsCaller::new(caller)?;
+            sys::unlinkat(dir.as_fd(), &c, 0)?;
+        }
+        self.freed(victim);
+        Ok(())
     }
 
     pub fn rmdir(&self, caller: Caller, parent: u64, name: &OsStr) -> FsResult<()> {
         let dir = self.inodes.open(parent, libc::O_PATH)?;
         let c = sys::cname(name)?;
-        let _as = AsCaller::new(caller)?;
-        sys::unlinkat(dir.as_fd(), &c, libc::AT_REMOVEDIR)
+        let victim = self.victim(dir.as_fd(), &c);
+        {
+            let _as = AsCaller::new(caller)?;
+            sys::unlinkat(dir.as_fd(), &c, libc::AT_REMOVEDIR)?;
+        }
+        self.freed(victim);
+        Ok(())
     }
 
     pub fn rename(
@@ -319,10 +363,16 @@ impl Passthrough {
         let old_dir = self.inodes.open(parent, libc::O_PATH)?;
         let new_dir = self.inodes.open(newparent, libc::O_PATH)?;
         let (oc, nc) = (sys::cname(name)?, sys::cname(newname)?);
+        let replaced = if flags & libc::RENAME_EXCHANGE == 0 {
+            self.victim(new_dir.as_fd(), &nc)
+        } else {
+            None
+        };
         {
             let _as = AsCaller::new(caller)?;
             sys::renameat2(old_dir.as_fd(), &oc, new_dir.as_fd(), &nc, flags)?;
         }
+        self.freed(replaced);
         // Keep display paths right: whatever is now at the new name came from the old one.
         if let Ok(st) = sys::fstatat_nofollow(new_dir.as_fd(), &nc) {
             self.inodes
@@ -365,6 +415,9 @@ impl Passthrough {
             )?
         };
         let st = sys::fstat(fd.as_fd())?;
+        if let Some(q) = &self.quota {
+            q.created(&st);
+        }
         let path_fd = sys::openat(dir.as_fd(), &c, libc::O_PATH, 0)?;
         let ino = self.inodes.remember(parent, name, path_fd, &st)?;
         let fh = self.handles.insert(fd, ino);
@@ -386,7 +439,29 @@ impl Passthrough {
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         let f = self.fd_of(fh)?;
-        sys::pwrite(f.fd.as_fd(), data, offset).map(|n| n as u32)
+        self.metered(f.fd.as_fd(), offset, data.len() as u64, || {
+            sys::pwrite(f.fd.as_fd(), data, offset).map(|n| n as u32)
+        })
+    }
+
+    /// Run an operation that may allocate `[offset, offset+len)` in `fd`, within the quota.
+    fn metered<T>(
+        &self,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: u64,
+        op: impl FnOnce() -> FsResult<T>,
+    ) -> FsResult<T> {
+        let Some(q) = &self.quota else {
+            return op();
+        };
+        let before = sys::fstat(fd)?;
+        q.check_growth(Quota::growth(before.st_size as u64, offset, len))?;
+        let r = op();
+        if let Ok(after) = sys::fstat(fd) {
+            q.account(&before, &after);
+        }
+        r
     }
 
     pub fn flush(&self, fh: u64) -> FsResult<()> {
@@ -435,7 +510,16 @@ impl Passthrough {
     }
 
     pub fn statfs(&self) -> FsResult<libc::statvfs> {
-        sys::fstatvfs(self.inodes.root_fd())
+        let mut st = sys::fstatvfs(self.inodes.root_fd())?;
+        if let Some(q) = &self.quota {
+            let (total, free) = q.statfs_blocks();
+            st.f_bsize = crate::fs::quota::BLOCK as _;
+            st.f_frsize = crate::fs::quota::BLOCK as _;
+            st.f_blocks = total;
+            st.f_bfree = free;
+            st.f_bavail = free;
+        }
+        Ok(st)
     }
 
     pub fn setxattr(
@@ -484,7 +568,16 @@ impl Passthrough {
     }
 
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
-        sys::fallocate(self.fd_of(fh)?.fd.as_fd(), mode, offset, length)
+        let f = self.fd_of(fh)?;
+        let fd = f.fd.as_fd();
+        if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+            return self.metered(fd, 0, 0, || sys::fallocate(fd, mode, offset, length));
+        }
+        // Allocation inside the file may fill holes: the whole range is the upper bound.
+        if let Some(q) = &self.quota {
+            q.check_growth(length)?;
+        }
+        self.metered(fd, 0, 0, || sys::fallocate(fd, mode, offset, length))
     }
 
     #[allow(clippy::too_many_arguments)]

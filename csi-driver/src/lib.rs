@@ -1,0 +1,3 @@
+pub mod csi {
+    tonic::include_proto!("csi.v1");
+}
