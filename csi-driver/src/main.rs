@@ -1,1 +1,96 @@
-fn main() {}
+//! `csi-interposer`: the CSI driver binary.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use csi_driver::driver::{Config, Driver, Mode};
+use csi_driver::server::{self, Endpoint};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "csi-interposer",
+    version,
+    about = "CSI driver: volumes seen through a traced, fault-injecting, throttled FUSE interposer"
+)]
+struct Cli {
+    /// Where to serve CSI: unix:///path/csi.sock or tcp://HOST:PORT.
+    #[arg(long, default_value = "unix:///csi/csi.sock")]
+    endpoint: Endpoint,
+    /// This node's id (Kubernetes node name).
+    #[arg(long, env = "NODE_ID")]
+    node_id: String,
+    /// The CSI driver name (CSIDriver object, StorageClass provisioner).
+    #[arg(long, default_value = "interposer.csi.dev")]
+    driver_name: String,
+    /// Which services to serve.
+    #[arg(long, value_enum, default_value_t = Mode::All)]
+    mode: Mode,
+    /// Where created, staged and published volumes are recorded.
+    #[arg(long, default_value = "/var/lib/csi-interposer/state")]
+    state_dir: PathBuf,
+    /// Where `dir` volumes keep their data.
+    #[arg(long, default_value = "/var/lib/csi-interposer/data")]
+    data_dir: PathBuf,
+    /// The interposer-fs binary (default: next to this one).
+    #[arg(long)]
+    interposer_fs: Option<PathBuf>,
+    /// Volumes this node may hold.
+    #[arg(long, default_value_t = 256)]
+    max_volumes_per_node: i64,
+    /// Size of a volume created without a capacity range, in bytes.
+    #[arg(long, default_value_t = 1 << 30)]
+    default_capacity: i64,
+    /// OTLP/gRPC collector for the volumes' spans (sets OTEL_EXPORTER_OTLP_ENDPOINT for daemons).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    if let Some(e) = &cli.otlp_endpoint {
+        // Inherited by every daemon this process starts. Set before any other thread runs work.
+        unsafe { std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", e) };
+    }
+    let interposer_bin = match cli.interposer_fs {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .context("locating this binary")?
+            .with_file_name("interposer-fs"),
+    };
+    anyhow::ensure!(
+        interposer_bin.is_file(),
+        "interposer-fs binary {} not found (use --interposer-fs)",
+        interposer_bin.display()
+    );
+    let driver = Driver::new(Config {
+        driver_name: cli.driver_name,
+        node_id: cli.node_id,
+        mode: cli.mode,
+        state_dir: cli.state_dir,
+        data_dir: cli.data_dir,
+        interposer_bin,
+        max_volumes_per_node: cli.max_volumes_per_node,
+        default_capacity: cli.default_capacity,
+    })
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if cli.mode != Mode::Controller {
+        let d = driver.clone();
+        let (adopted, repaired) = tokio::task::spawn_blocking(move || d.recover())
+            .await?
+            .map_err(|e| anyhow::anyhow!("recovering volumes: {e}"))?;
+        log::info!("recovered volumes: {adopted} adopted, {repaired} repaired");
+    }
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+        log::info!("shutting down (volumes stay mounted; their daemons keep running)");
+    };
+    server::serve(driver, cli.endpoint, shutdown).await
+}

@@ -42,7 +42,7 @@ impl Default for CacheConfig {
 
 /// The mounted filesystem: passthrough + layers, as fuser sees it.
 pub struct Interposer {
-    fs: Passthrough,
+    fs: Arc<Passthrough>,
     stack: Stack,
     cache: CacheConfig,
     /// Kernel FUSE passthrough for read/write of regular files (opt-in).
@@ -165,7 +165,7 @@ fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
 
 impl Interposer {
     pub fn new(
-        fs: Passthrough,
+        fs: Arc<Passthrough>,
         stack: Stack,
         cache: CacheConfig,
         kernel_passthrough: bool,

@@ -28,6 +28,10 @@ pub const DAEMON_KEYS: &[(&str, &str)] = &[
         "volume size as a quantity (10Gi): writes past it fail with ENOSPC, df shows it (default: none)",
     ),
     (
+        "control",
+        "a file of key=value lines read on SIGUSR1 to change a running volume (today: capacity)",
+    ),
+    (
         "cache.ttl",
         "how long the kernel may cache names and attributes, e.g. 1s, 0s (default 1s)",
     ),
@@ -77,6 +81,8 @@ pub struct DaemonConfig {
     pub threads: usize,
     /// Bytes the volume may hold (enforced by the passthrough).
     pub capacity: Option<u64>,
+    /// Live settings file, read on SIGUSR1.
+    pub control: Option<PathBuf>,
     pub cache_ttl: Duration,
     pub allow_other: bool,
     pub read_only: bool,
@@ -106,6 +112,7 @@ impl DaemonConfig {
             kernel_passthrough: false,
             threads: 4,
             capacity: None,
+            control: None,
             cache_ttl: Duration::from_secs(1),
             allow_other: true,
             read_only: false,
@@ -147,6 +154,7 @@ impl DaemonConfig {
                 "capacity" => {
                     c.capacity = Some(crate::params::parse_quantity(key, need("a quantity")?)?)
                 }
+                "control" => c.control = Some(PathBuf::from(need("a file path")?)),
                 "cache.ttl" => c.cache_ttl = parse_duration(key, need("a duration")?)?,
                 "allow_other" if value.is_none() => c.allow_other = true,
                 "allow_root_only" if value.is_none() => c.allow_other = false,

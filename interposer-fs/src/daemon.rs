@@ -63,6 +63,7 @@ pub enum DaemonError {
 /// What was built from the configuration, ready to mount.
 struct Prepared {
     fs: Interposer,
+    passthrough: Arc<Passthrough>,
     shutdown: Arc<Shutdown>,
     tracer: Option<SdkTracerProvider>,
 }
@@ -164,8 +165,9 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
             }
         }
     }
-    let passthrough =
-        Passthrough::new(&c.source, c.capacity).map_err(|e| DaemonError::OpenSource {
+    let passthrough = Passthrough::new(&c.source, c.capacity)
+        .map(Arc::new)
+        .map_err(|e| DaemonError::OpenSource {
             path: c.source.clone(),
             source: e.into(),
         })?;
@@ -175,13 +177,14 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
         );
     }
     let fs = Interposer::new(
-        passthrough,
+        passthrough.clone(),
         Stack::new(layers),
         CacheConfig { ttl: c.cache_ttl },
         c.kernel_passthrough,
     );
     Ok(Prepared {
         fs,
+        passthrough,
         shutdown,
         tracer,
     })
@@ -216,11 +219,15 @@ pub fn run(c: DaemonConfig) -> Result<(), DaemonError> {
             return Err(DaemonError::Session(e));
         }
     };
-    let mountpoint = c.mountpoint.clone();
-    let shutdown = prepared.shutdown.clone();
+    let signals = Signals {
+        mountpoint: c.mountpoint.clone(),
+        shutdown: prepared.shutdown.clone(),
+        passthrough: prepared.passthrough.clone(),
+        control: c.control.clone(),
+    };
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || wait_for_signal_then_unmount(mountpoint, shutdown))
+        .spawn(move || signals.run())
         .map_err(DaemonError::Session)?;
     eprintln!(
         "interposer-fs: serving {} at {} (layers: {})",
@@ -256,19 +263,76 @@ fn signal_set() -> nix::sys::signal::SigSet {
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGHUP);
+    set.add(Signal::SIGUSR1);
     set
 }
 
-fn wait_for_signal_then_unmount(mountpoint: PathBuf, shutdown: Arc<Shutdown>) {
-    match signal_set().wait() {
-        Ok(sig) => eprintln!(
-            "interposer-fs: {sig:?}: unmounting {}",
-            mountpoint.display()
-        ),
-        Err(e) => eprintln!("interposer-fs: waiting for signals failed ({e}); unmounting"),
+/// The signal thread: SIGUSR1 applies the control file; anything else unmounts.
+struct Signals {
+    mountpoint: PathBuf,
+    shutdown: Arc<Shutdown>,
+    passthrough: Arc<Passthrough>,
+    control: Option<PathBuf>,
+}
+
+impl Signals {
+    fn run(self) {
+        loop {
+            match signal_set().wait() {
+                Ok(nix::sys::signal::Signal::SIGUSR1) => self.apply_control(),
+                Ok(sig) => {
+                    eprintln!(
+                        "interposer-fs: {sig:?}: unmounting {}",
+                        self.mountpoint.display()
+                    );
+                    break;
+                }
+                Err(e) => {
+                    eprintln!("interposer-fs: waiting for signals failed ({e}); unmounting");
+                    break;
+                }
+            }
+        }
+        self.shutdown.trigger();
+        if let Err(e) = mount::unmount(&self.mountpoint) {
+            eprintln!("interposer-fs: unmount {}: {e}", self.mountpoint.display());
+        }
     }
-    shutdown.trigger();
-    if let Err(e) = mount::unmount(&mountpoint) {
-        eprintln!("interposer-fs: unmount {}: {e}", mountpoint.display());
+
+    /// Read `key=value` lines from the control file and apply what can change live.
+    fn apply_control(&self) {
+        let Some(path) = &self.control else {
+            eprintln!("interposer-fs: SIGUSR1 without a control= file; nothing to do");
+            return;
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("interposer-fs: reading {}: {e}", path.display());
+                return;
+            }
+        };
+        for line in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            match line.split_once('=') {
+                Some(("capacity", v)) => {
+                    match crate::params::parse_quantity("capacity", v.trim()) {
+                        Ok(bytes) if self.passthrough.set_capacity(bytes) => {
+                            eprintln!("interposer-fs: capacity is now {bytes} bytes")
+                        }
+                        Ok(_) => eprintln!(
+                            "interposer-fs: capacity: this volume was mounted without a size"
+                        ),
+                        Err(e) => eprintln!("interposer-fs: control: {e}"),
+                    }
+                }
+                _ => eprintln!(
+                    "interposer-fs: control: {line:?} cannot be changed on a running volume"
+                ),
+            }
+        }
     }
 }

@@ -165,6 +165,18 @@ impl Passthrough {
         })
     }
 
+    /// Change the enforced size (no effect on a volume mounted without one). Returns whether
+    /// there was a size to change.
+    pub fn set_capacity(&self, bytes: u64) -> bool {
+        match &self.quota {
+            Some(q) => {
+                q.set_limit(bytes);
+                true
+            }
+            None => false,
+        }
+    }
+
     pub fn inodes(&self) -> &InodeTable {
         &self.inodes
     }

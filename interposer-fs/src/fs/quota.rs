@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use crate::fs::errno::{Errno, FsResult};
 use crate::fs::sys;
@@ -20,7 +20,8 @@ pub const BLOCK: u64 = 4096;
 
 #[derive(Debug)]
 pub struct Quota {
-    limit: u64,
+    /// Bytes the volume may hold; changes when the volume is expanded.
+    limit: AtomicU64,
     used: AtomicI64,
 }
 
@@ -34,13 +35,18 @@ impl Quota {
         let mut seen = HashSet::new();
         let used = walk(root, &mut seen)?;
         Ok(Quota {
-            limit,
+            limit: AtomicU64::new(limit),
             used: AtomicI64::new(used),
         })
     }
 
     pub fn limit(&self) -> u64 {
-        self.limit
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// A new size (volume expansion), effective for the next operation.
+    pub fn set_limit(&self, limit: u64) {
+        self.limit.store(limit, Ordering::Relaxed);
     }
 
     pub fn used(&self) -> u64 {
@@ -53,7 +59,7 @@ impl Quota {
             return Ok(());
         }
         let rounded = bytes.div_ceil(BLOCK) * BLOCK;
-        if self.used().saturating_add(rounded) > self.limit {
+        if self.used().saturating_add(rounded) > self.limit() {
             Err(Errno::ENOSPC)
         } else {
             Ok(())
@@ -88,8 +94,9 @@ impl Quota {
 
     /// statfs numbers for the volume: (blocks, free blocks).
     pub fn statfs_blocks(&self) -> (u64, u64) {
-        let total = self.limit / BLOCK;
-        let free = self.limit.saturating_sub(self.used()) / BLOCK;
+        let limit = self.limit();
+        let total = limit / BLOCK;
+        let free = limit.saturating_sub(self.used()) / BLOCK;
         (total, free)
     }
 }
