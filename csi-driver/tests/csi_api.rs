@@ -263,7 +263,7 @@ async fn delete(d: &Driver, id: &str) -> Result<(), tonic::Status> {
 
 fn is_mounted(p: &Path) -> bool {
     let p = p.to_string_lossy().to_string();
-    mounts_under(Path::new("/")).iter().any(|m| *m == p)
+    mounts_under(Path::new("/")).contains(&p)
 }
 
 #[tokio::test(flavor = "multi_thread")]
