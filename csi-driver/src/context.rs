@@ -87,6 +87,12 @@ pub fn daemon_options(
         // State the default explicitly so a later change of default never changes a volume.
         o.push("layers=trace,metrics".into());
     }
+    if s.params
+        .has_layer(interposer_fs::params::LayerKind::Metrics)
+    {
+        // Loopback only, port chosen by the kernel; the node plugin reads it from the log.
+        o.push("metrics.address=127.0.0.1:0".into());
+    }
     o.push(format!("volumeId={volume_id}"));
     o.push(format!("nodeName={node}"));
     if capacity > 0 {

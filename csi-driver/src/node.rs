@@ -94,10 +94,11 @@ impl Driver {
         let mut options =
             context::daemon_options(s, id.as_str(), capacity, &self.config.node_id, read_only);
         options.push(format!("control={}", self.state.control_path(id).display()));
-        let d = self
-            .supervisor
-            .start(&backing, staging, &options, &self.state.log_path(id))?;
+        let (d, metrics_url) =
+            self.supervisor
+                .start(&backing, staging, &options, &self.state.log_path(id))?;
         let rec = NodeRecord {
+            metrics_url,
             id: id.to_string(),
             backing_dir: backing,
             mount_path: staging.to_path_buf(),
@@ -217,10 +218,11 @@ impl Driver {
             &self.config.node_id,
             read_only,
         );
-        let d = self
-            .supervisor
-            .start(&backing, target, &options, &self.state.log_path(id))?;
+        let (d, metrics_url) =
+            self.supervisor
+                .start(&backing, target, &options, &self.state.log_path(id))?;
         let rec = NodeRecord {
+            metrics_url,
             id: id.to_string(),
             backing_dir: backing,
             mount_path: target.to_path_buf(),
@@ -274,12 +276,13 @@ impl Driver {
         }
         self.supervisor.stop(daemon(rec), &rec.mount_path)?;
         mkdir(&rec.mount_path)?;
-        let d = self.supervisor.start(
+        let (d, metrics_url) = self.supervisor.start(
             &rec.backing_dir,
             &rec.mount_path,
             &rec.options,
             &self.state.log_path(&id),
         )?;
+        rec.metrics_url = metrics_url;
         rec.pid = d.pid;
         rec.pid_start = d.start;
         for (target, p) in rec.targets.iter().filter(|(t, _)| **t != rec.mount_path) {

@@ -53,6 +53,9 @@ pub struct NodeRecord {
     /// Publications: target path → how.
     pub targets: BTreeMap<PathBuf, Publication>,
     pub ephemeral: bool,
+    /// The daemon's Prometheus endpoint (loopback), if it serves one.
+    #[serde(default)]
+    pub metrics_url: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -49,13 +49,14 @@ impl Supervisor {
     }
 
     /// Start `interposer-fs BACKING MOUNT -o ...`, logging to `log`; wait until the mount answers.
+    /// Also returns the daemon's metrics URL, if it serves one.
     pub fn start(
         &self,
         backing: &Path,
         mount_path: &Path,
         options: &[String],
         log: &Path,
-    ) -> DriverResult<Daemon> {
+    ) -> DriverResult<(Daemon, Option<String>)> {
         let logf = OpenOptions::new()
             .create(true)
             .append(true)
@@ -116,7 +117,12 @@ impl Supervisor {
         std::thread::spawn(move || {
             let _ = child.wait();
         });
-        Ok(Daemon { pid, start })
+        let out = std::fs::read(log).unwrap_or_default();
+        let metrics = String::from_utf8_lossy(&out[(log_len as usize).min(out.len())..])
+            .lines()
+            .find_map(|l| l.strip_prefix("interposer-fs: metrics at "))
+            .map(str::to_string);
+        Ok((Daemon { pid, start }, metrics))
     }
 
     /// Stop the daemon (SIGTERM, then SIGKILL after 10 s) and make sure nothing stays mounted.
