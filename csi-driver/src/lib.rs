@@ -8,6 +8,7 @@
 //! - `capability`: supported volume capabilities.
 //! - `supervisor`: per-volume interposer-fs daemons; `mounts`: bind mounts and path checks.
 //! - `error`: `DriverError` and its one conversion to gRPC codes.
+//! - `metrics`: the node's one `/metrics`, merging every volume daemon's.
 //!
 //! Rule: this crate uses interposer-fs only through `interposer_fs::params` (validation),
 //! `interposer_fs::mount` (mount-point checks) and the `interposer-fs` binary's command line.
@@ -19,6 +20,7 @@ pub mod driver;
 pub mod error;
 pub mod identity;
 pub mod ids;
+pub mod metrics;
 pub mod mounts;
 pub mod node;
 pub mod server;

@@ -41,6 +41,9 @@ struct Cli {
     /// Size of a volume created without a capacity range, in bytes.
     #[arg(long, default_value_t = 1 << 30)]
     default_capacity: i64,
+    /// Serve the node's Prometheus `/metrics` (all volumes on this node) on HOST:PORT.
+    #[arg(long)]
+    metrics_address: Option<std::net::SocketAddr>,
     /// OTLP/gRPC collector for the volumes' spans (sets OTEL_EXPORTER_OTLP_ENDPOINT for daemons).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
@@ -82,6 +85,17 @@ async fn main() -> anyhow::Result<()> {
             .await?
             .map_err(|e| anyhow::anyhow!("recovering volumes: {e}"))?;
         log::info!("recovered volumes: {adopted} adopted, {repaired} repaired");
+    }
+    if let Some(addr) = cli.metrics_address {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding --metrics-address {addr}"))?;
+        let d = driver.clone();
+        tokio::spawn(async move {
+            if let Err(e) = csi_driver::metrics::serve(d, listener).await {
+                log::error!("metrics server on {addr}: {e}");
+            }
+        });
     }
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -99,6 +99,7 @@ impl Driver {
                 .start(&backing, staging, &options, &self.state.log_path(id))?;
         let rec = NodeRecord {
             metrics_url,
+            pod: None,
             id: id.to_string(),
             backing_dir: backing,
             mount_path: staging.to_path_buf(),
@@ -139,6 +140,7 @@ impl Driver {
         staging: &Path,
         read_only: bool,
         single_writer: bool,
+        pod: Option<(String, String)>,
     ) -> DriverResult<()> {
         let mut rec = self.state.node(id)?.ok_or_else(|| {
             DriverError::FailedPrecondition(format!("volume {id} is not staged on this node"))
@@ -184,7 +186,15 @@ impl Driver {
                 single_writer,
             },
         );
-        self.state.save_node(&rec)
+        let pod_changed = pod.is_some() && pod != rec.pod;
+        if pod_changed {
+            rec.pod = pod;
+        }
+        self.state.save_node(&rec)?;
+        if pod_changed {
+            self.push_live_settings(&rec)?;
+        }
+        Ok(())
     }
 
     fn publish_ephemeral(
@@ -223,6 +233,7 @@ impl Driver {
                 .start(&backing, target, &options, &self.state.log_path(id))?;
         let rec = NodeRecord {
             metrics_url,
+            pod: None,
             id: id.to_string(),
             backing_dir: backing,
             mount_path: target.to_path_buf(),
@@ -418,14 +429,28 @@ impl Driver {
             None => rec.options.push(option),
         }
         self.state.save_node(&rec)?;
-        // The daemon takes the new size from its control file on SIGUSR1: no remount.
-        let control = self.state.control_path(id);
-        crate::state::write_atomically(&control, format!("capacity={capacity}\n").as_bytes())
+        self.push_live_settings(&rec)?;
+        Ok(capacity)
+    }
+
+    /// Tell the running daemon what changed since it started (size, the pod using it): write
+    /// its control file and send SIGUSR1. No remount, no interruption of I/O.
+    fn push_live_settings(&self, rec: &NodeRecord) -> DriverResult<()> {
+        let id = VolumeId::parse(&rec.id, "state")?;
+        let mut text = String::new();
+        if let Some(c) = rec.options.iter().find(|o| o.starts_with("capacity=")) {
+            text.push_str(c);
+            text.push('\n');
+        }
+        if let Some((name, namespace)) = &rec.pod {
+            text.push_str(&format!("podName={name}\npodNamespace={namespace}\n"));
+        }
+        crate::state::write_atomically(&self.state.control_path(&id), text.as_bytes())
             .map_err(|e| DriverError::internal("writing the control file", e))?;
-        if self.supervisor.alive(daemon(&rec)) {
+        if self.supervisor.alive(daemon(rec)) {
             unsafe { libc::kill(rec.pid as i32, libc::SIGUSR1) };
         }
-        Ok(capacity)
+        Ok(())
     }
 }
 
@@ -528,9 +553,10 @@ impl Node for NodeService {
                     .into());
                 }
                 let staging = checked_path(&req.staging_target_path, "staging_target_path")?;
+                let pod = s.pod_name.clone().zip(s.pod_namespace.clone());
                 self.driver
                     .locked(&id, move |d| {
-                        d.publish(&id2, &target, &staging, read_only, single_writer)
+                        d.publish(&id2, &target, &staging, read_only, single_writer, pod)
                     })
                     .await?;
             }

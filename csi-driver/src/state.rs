@@ -56,6 +56,9 @@ pub struct NodeRecord {
     /// The daemon's Prometheus endpoint (loopback), if it serves one.
     #[serde(default)]
     pub metrics_url: Option<String>,
+    /// The pod that last published the volume (podInfoOnMount), for span attributes.
+    #[serde(default)]
+    pub pod: Option<(String, String)>,
 }
 
 #[derive(Debug, Clone)]

@@ -29,7 +29,7 @@ pub const DAEMON_KEYS: &[(&str, &str)] = &[
     ),
     (
         "control",
-        "a file of key=value lines read on SIGUSR1 to change a running volume (today: capacity)",
+        "a file of key=value lines read on SIGUSR1 to change a running volume (capacity, podName, podNamespace)",
     ),
     (
         "cache.ttl",

@@ -18,7 +18,7 @@ use crate::fs::passthrough::Passthrough;
 use crate::layers::fault::FaultLayer;
 use crate::layers::metrics::{Metrics, MetricsLayer};
 use crate::layers::throttle::ThrottleLayer;
-use crate::layers::trace::TraceLayer;
+use crate::layers::trace::{LiveAttributes, TraceLayer};
 use crate::layers::{Layer, Shutdown, Stack};
 use crate::mount::{self, MountSpec};
 use crate::params::LayerKind;
@@ -63,6 +63,7 @@ pub enum DaemonError {
 /// What was built from the configuration, ready to mount.
 struct Prepared {
     fs: Interposer,
+    live: Arc<LiveAttributes>,
     passthrough: Arc<Passthrough>,
     shutdown: Arc<Shutdown>,
     tracer: Option<SdkTracerProvider>,
@@ -87,8 +88,6 @@ fn resource(c: &DaemonConfig) -> Vec<KeyValue> {
     let mut attrs = vec![KeyValue::new("interposer.volume.id", id.volume_id.clone())];
     let optional = [
         ("k8s.node.name", &id.node_name),
-        ("k8s.pod.name", &id.pod_name),
-        ("k8s.namespace.name", &id.pod_namespace),
         ("k8s.pvc.name", &id.pvc_name),
         ("k8s.pvc.namespace", &id.pvc_namespace),
     ];
@@ -133,12 +132,21 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
     } else {
         None
     };
+    let live = Arc::new(LiveAttributes::default());
+    for (key, value) in [
+        ("k8s.pod.name", &c.identity.pod_name),
+        ("k8s.namespace.name", &c.identity.pod_namespace),
+    ] {
+        if let Some(v) = value {
+            live.set(key, v.clone());
+        }
+    }
     let mut layers: Vec<Box<dyn Layer>> = Vec::new();
     for kind in &p.layers {
         match kind {
             LayerKind::Trace => {
                 if let Some(t) = &tracer {
-                    layers.push(Box::new(TraceLayer::new(t, &p.trace)));
+                    layers.push(Box::new(TraceLayer::new(t, &p.trace, live.clone())));
                 }
             }
             LayerKind::Metrics => {
@@ -184,6 +192,7 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
     );
     Ok(Prepared {
         fs,
+        live,
         passthrough,
         shutdown,
         tracer,
@@ -223,6 +232,7 @@ pub fn run(c: DaemonConfig) -> Result<(), DaemonError> {
         mountpoint: c.mountpoint.clone(),
         shutdown: prepared.shutdown.clone(),
         passthrough: prepared.passthrough.clone(),
+        live: prepared.live.clone(),
         control: c.control.clone(),
     };
     std::thread::Builder::new()
@@ -272,6 +282,7 @@ struct Signals {
     mountpoint: PathBuf,
     shutdown: Arc<Shutdown>,
     passthrough: Arc<Passthrough>,
+    live: Arc<LiveAttributes>,
     control: Option<PathBuf>,
 }
 
@@ -299,7 +310,8 @@ impl Signals {
         }
     }
 
-    /// Read `key=value` lines from the control file and apply what can change live.
+    /// Read `key=value` lines from the control file and apply what can change live: capacity,
+    /// and the pod using the volume (podName, podNamespace) for spans.
     fn apply_control(&self) {
         let Some(path) = &self.control else {
             eprintln!("interposer-fs: SIGUSR1 without a control= file; nothing to do");
@@ -328,6 +340,10 @@ impl Signals {
                         ),
                         Err(e) => eprintln!("interposer-fs: control: {e}"),
                     }
+                }
+                Some(("podName", v)) => self.live.set("k8s.pod.name", v.trim().to_string()),
+                Some(("podNamespace", v)) => {
+                    self.live.set("k8s.namespace.name", v.trim().to_string())
                 }
                 _ => eprintln!(
                     "interposer-fs: control: {line:?} cannot be changed on a running volume"

@@ -21,6 +21,20 @@ use crate::params::{TraceParams, errno_name};
 
 const SHARDS: usize = 16;
 
+/// Attributes that can change while the volume runs (the pod using it, learnt at publish time,
+/// after the daemon started): added to every span.
+#[derive(Default)]
+pub struct LiveAttributes(parking_lot::RwLock<Vec<KeyValue>>);
+
+impl LiveAttributes {
+    /// Set (or replace) `key`.
+    pub fn set(&self, key: &'static str, value: String) {
+        let mut attrs = self.0.write();
+        attrs.retain(|kv| kv.key.as_str() != key);
+        attrs.push(KeyValue::new(key, value));
+    }
+}
+
 /// What a span says about the calling process.
 #[derive(Clone)]
 struct ProcessInfo {
@@ -39,10 +53,15 @@ pub struct TraceLayer {
     /// thread id → ((tgid, process name), when read). Bounded; refreshed so a reused id is not
     /// misnamed for long.
     comm_cache: Mutex<HashMap<u32, ProcessInfo>>,
+    live: std::sync::Arc<LiveAttributes>,
 }
 
 impl TraceLayer {
-    pub fn new(provider: &SdkTracerProvider, params: &TraceParams) -> Self {
+    pub fn new(
+        provider: &SdkTracerProvider,
+        params: &TraceParams,
+        live: std::sync::Arc<LiveAttributes>,
+    ) -> Self {
         use opentelemetry::trace::TracerProvider as _;
         TraceLayer {
             tracer: provider.tracer("interposer-fs"),
@@ -50,6 +69,7 @@ impl TraceLayer {
             file_spans: params.file_spans,
             sessions: std::array::from_fn(|_| Mutex::new(HashMap::new())),
             comm_cache: Mutex::new(HashMap::new()),
+            live,
         }
     }
 
@@ -118,6 +138,7 @@ impl TraceLayer {
         if let Some(flags) = info.flags {
             attrs.push(KeyValue::new("interposer.flags", format!("{flags:#o}")));
         }
+        attrs.extend(self.live.0.read().iter().cloned());
         attrs
     }
 
