@@ -50,6 +50,9 @@ enum Cmd {
         /// A StorageClass parameter, key=value (repeat).
         #[arg(short = 'p', long = "param", value_name = "KEY=VALUE")]
         params: Vec<String>,
+        /// The pod the volume is published for, as kubelet's podInfoOnMount says it.
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        pod: Option<String>,
     },
     /// NodeUnpublishVolume + NodeUnstageVolume + DeleteVolume.
     Down {
@@ -107,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
             target,
             capacity,
             params,
+            pod,
         } => {
             let mut parameters = HashMap::new();
             for p in params {
@@ -138,12 +142,20 @@ async fn main() -> anyhow::Result<()> {
                 ..Default::default()
             })
             .await?;
+            let mut publish_context = v.volume_context;
+            if let Some(pod) = pod {
+                let Some((ns, name)) = pod.split_once('/') else {
+                    bail!("--pod {pod:?}: expected NAMESPACE/NAME")
+                };
+                publish_context.insert("csi.storage.k8s.io/pod.name".into(), name.into());
+                publish_context.insert("csi.storage.k8s.io/pod.namespace".into(), ns.into());
+            }
             node.node_publish_volume(NodePublishVolumeRequest {
                 volume_id: v.volume_id.clone(),
                 staging_target_path: staging.to_string_lossy().into(),
                 target_path: target.to_string_lossy().into(),
                 volume_capability: Some(cap()),
-                volume_context: v.volume_context,
+                volume_context: publish_context,
                 ..Default::default()
             })
             .await?;
