@@ -1,0 +1,299 @@
+#!/usr/bin/env python3
+"""Benchmarks: interposer-fs side by side with the native directory and bindfs, in one run.
+
+Every configuration is mounted at once over its own directory on the same filesystem; each
+repetition runs every workload on every configuration in turn (interleaved), so a noisy machine
+affects all of them alike. The table shows the median of the repetitions and the ratio to native.
+
+Usage: bench.py [--short] [--reps N] [--json FILE] [--work DIR]
+  --short   a few seconds per workload (what CI runs, to keep the benchmark from rotting)
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+IFS = os.path.join(REPO, "target", "release", "interposer-fs")
+
+# name -> interposer-fs options (None: native; "bindfs": bindfs)
+CONFIGS = [
+    ("native", None),
+    ("bindfs", "bindfs"),
+    ("ifs-none", ["layers="]),
+    ("ifs-trace", ["layers=trace"]),
+    ("ifs-metrics", ["layers=metrics"]),
+    ("ifs-fault", ["layers=fault", "fault.probability=0"]),
+    ("ifs-throttle", ["layers=throttle", "throttle.readBytesPerSecond=1000Gi", "throttle.writeBytesPerSecond=1000Gi"]),
+    ("ifs-all", ["layers=trace,metrics,fault,throttle", "fault.probability=0",
+                 "throttle.readBytesPerSecond=1000Gi", "throttle.writeBytesPerSecond=1000Gi"]),
+    ("ifs-kpassthrough", ["layers=", "kernelPassthrough=true"]),
+]
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def wait_mounted(path, proc=None, timeout=15):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if subprocess.run(["mountpoint", "-q", path]).returncode == 0:
+            try:
+                os.statvfs(path)
+                return time.time() - t0
+            except OSError:
+                pass
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"daemon for {path} exited: {proc.stderr.read() if proc.stderr else ''}")
+        time.sleep(0.002)
+    raise RuntimeError(f"{path} did not mount")
+
+
+class Mounts:
+    def __init__(self, work):
+        self.work = work
+        self.procs = {}
+        self.paths = {}
+
+    def mount_all(self):
+        for name, opts in CONFIGS:
+            src = os.path.join(self.work, name, "src")
+            os.makedirs(src, exist_ok=True)
+            if opts is None:
+                self.paths[name] = src
+                continue
+            mnt = os.path.join(self.work, name, "mnt")
+            os.makedirs(mnt, exist_ok=True)
+            if opts == "bindfs":
+                sh(["bindfs", src, mnt])
+                wait_mounted(mnt)
+            else:
+                args = [IFS, src, mnt]
+                for o in opts:
+                    args += ["-o", o]
+                p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                self.procs[name] = p
+                wait_mounted(mnt, p)
+            self.paths[name] = mnt
+
+    def unmount_all(self):
+        for name, p in self.procs.items():
+            p.send_signal(signal.SIGTERM)
+        for name, p in self.procs.items():
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for name, path in self.paths.items():
+            if path.endswith("/mnt"):
+                subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def fio(directory, name, args):
+    cmd = ["fio", f"--name={name}", f"--directory={directory}", "--output-format=json",
+           "--ioengine=psync", "--invalidate=0", "--group_reporting"] + args
+    out = sh(cmd).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    read, write = job["read"], job["write"]
+    return {"MiB/s": (read["bw_bytes"] + write["bw_bytes"]) / 2**20, "IOPS": read["iops"] + write["iops"]}
+
+
+def workloads(short):
+    t = "3" if short else "12"
+    big = "64M" if short else "1G"
+    rfile = "128M" if short else "1G"
+    nfiles = 2000 if short else 20000
+
+    def seq_write(d):
+        r = fio(d, "seqwrite", ["--rw=write", "--bs=1M", f"--size={big}", "--time_based", f"--runtime={t}", "--filename=sw"])
+        os.unlink(os.path.join(d, "sw"))
+        return r
+
+    def seq_write_fsync(d):
+        r = fio(d, "seqwritefsync", ["--rw=write", "--bs=1M", f"--size={big}", "--end_fsync=1", "--filename=swf"])
+        os.unlink(os.path.join(d, "swf"))
+        return r
+
+    def prepare_read(d):
+        p = os.path.join(d, "rf")
+        if not os.path.exists(p) or os.path.getsize(p) < int(rfile[:-1]) * 2**20:
+            fio(d, "prep", ["--rw=write", "--bs=1M", f"--size={rfile}", "--filename=rf"])
+
+    def seq_read_warm(d):
+        prepare_read(d)
+        fio(d, "warm", ["--rw=read", "--bs=1M", f"--size={rfile}", "--filename=rf"])
+        return fio(d, "seqreadwarm", ["--rw=read", "--bs=1M", f"--size={rfile}", "--filename=rf", "--time_based", f"--runtime={t}"])
+
+    def seq_read_cold(d):
+        prepare_read(d)
+        drop_caches()
+        return fio(d, "seqreadcold", ["--rw=read", "--bs=1M", f"--size={rfile}", "--filename=rf"])
+
+    def rand_read(jobs):
+        def run(d):
+            prepare_read(d)
+            return fio(d, f"randread{jobs}", ["--rw=randread", "--bs=4k", f"--size={rfile}", "--filename=rf",
+                                              f"--numjobs={jobs}", "--time_based", f"--runtime={t}"])
+        return run
+
+    def rand_write(d):
+        prepare_read(d)
+        return fio(d, "randwrite", ["--rw=randwrite", "--bs=4k", f"--size={rfile}", "--filename=rf",
+                                    "--time_based", f"--runtime={t}"])
+
+    def metadata(d):
+        md = os.path.join(d, "meta")
+        os.makedirs(md, exist_ok=True)
+        r = json.loads(sh([METABENCH, md, str(nfiles)]).stdout)
+        os.rmdir(md)
+        return {"create/s": r["create"], "stat/s": r["stat"], "unlink/s": r["unlink"]}
+
+    return [
+        ("seq write 1M, page cache", seq_write, "MiB/s"),
+        (f"seq write {big} + fsync", seq_write_fsync, "MiB/s"),
+        ("seq read 1M, lower cached", seq_read_warm, "MiB/s"),
+        ("seq read 1M, cold", seq_read_cold, "MiB/s"),
+        ("rand read 4k, 1 job", rand_read(1), "IOPS"),
+        ("rand read 4k, 2 jobs", rand_read(2), "IOPS"),
+        ("rand write 4k", rand_write, "IOPS"),
+        (f"create+write 4k ({nfiles} files)", metadata, "create/s"),
+        (f"stat ({nfiles} files)", None, "stat/s"),
+        (f"unlink ({nfiles} files)", None, "unlink/s"),
+    ]
+
+
+def rss_kib(pid, field):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def mount_latency(work, samples):
+    src, mnt = os.path.join(work, "lat", "src"), os.path.join(work, "lat", "mnt")
+    os.makedirs(src, exist_ok=True)
+    os.makedirs(mnt, exist_ok=True)
+    out = []
+    for _ in range(samples):
+        t0 = time.time()
+        p = subprocess.Popen([IFS, src, mnt, "-o", "layers=trace,metrics,fault,throttle"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_mounted(mnt, p)
+        out.append((time.time() - t0) * 1000)
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=10)
+    return statistics.median(out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--short", action="store_true")
+    ap.add_argument("--reps", type=int)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--work", default="/var/tmp")
+    a = ap.parse_args()
+    reps = a.reps or (1 if a.short else 3)
+    work = tempfile.mkdtemp(prefix="bench.", dir=a.work)
+    os.chmod(work, 0o755)
+    global METABENCH
+    METABENCH = os.path.join(work, "metabench")
+    sh(["gcc", "-O2", "-o", METABENCH, os.path.join(os.path.dirname(os.path.abspath(__file__)), "metabench.c")])
+    mounts = Mounts(work)
+    results = {}  # workload -> config -> [values]
+    extra = {}
+    try:
+        mounts.mount_all()
+        wl = workloads(a.short)
+        cpu_before = {n: cpu_seconds(p.pid) for n, p in mounts.procs.items()}
+        idle_rss = rss_kib(mounts.procs["ifs-none"].pid, "VmRSS")
+        idle_rss_all = rss_kib(mounts.procs["ifs-all"].pid, "VmRSS")
+        for rep in range(reps):
+            for title, fn, metric in wl:
+                if fn is None:
+                    continue
+                for name, _ in CONFIGS:
+                    print(f"[rep {rep + 1}/{reps}] {title}: {name}", file=sys.stderr, flush=True)
+                    r = fn(mounts.paths[name])
+                    if "create/s" in r:
+                        for t2, _, m2 in wl:
+                            if m2 in r:
+                                results.setdefault(t2, {}).setdefault(name, []).append(r[m2])
+                    else:
+                        results.setdefault(title, {}).setdefault(name, []).append(r[metric])
+        # CPU per GiB moved: a dedicated sequential write+read of 1 GiB (256 MiB short) per config.
+        size = 256 if a.short else 1024
+        cpu = {}
+        for name, p in mounts.procs.items():
+            c0 = cpu_seconds(p.pid)
+            fio(mounts.paths[name], "cpu", ["--rw=write", "--bs=1M", f"--size={size}M", "--filename=cpu", "--end_fsync=1"])
+            fio(mounts.paths[name], "cpu", ["--rw=read", "--bs=1M", f"--size={size}M", "--filename=cpu"])
+            os.unlink(os.path.join(mounts.paths[name], "cpu"))
+            cpu[name] = (cpu_seconds(p.pid) - c0) / (2 * size / 1024)
+        extra = {
+            "daemon RSS idle, no layers (MiB)": idle_rss / 1024,
+            "daemon RSS idle, all layers (MiB)": idle_rss_all / 1024,
+            "daemon peak RSS under load, no layers (MiB)": rss_kib(mounts.procs["ifs-none"].pid, "VmHWM") / 1024,
+            "daemon peak RSS under load, all layers (MiB)": rss_kib(mounts.procs["ifs-all"].pid, "VmHWM") / 1024,
+            "mount latency, all layers (ms, median of 5)": mount_latency(work, 5),
+        }
+        for name, v in cpu.items():
+            extra[f"daemon CPU seconds per GiB moved, {name}"] = v
+    finally:
+        mounts.unmount_all()
+        shutil.rmtree(work, ignore_errors=True)
+
+    names = [n for n, _ in CONFIGS]
+    table = {}
+    for title, per in results.items():
+        med = {n: statistics.median(v) for n, v in per.items()}
+        table[title] = {n: {"median": med[n], "ratio": med[n] / med["native"] if med.get("native") else None,
+                            "samples": per[n]} for n in med}
+    # Print the table.
+    print(f"\nbench: {'short' if a.short else 'full'} mode, {reps} repetition(s), median; ratio to native in ()")
+    print("| workload | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for title, row in table.items():
+        cells = []
+        for n in names:
+            c = row.get(n)
+            cells.append("-" if c is None else f"{c['median']:.0f} ({c['ratio']:.2f})")
+        unit = next((m for t, _, m in workloads(a.short) if t == title), "")
+        print(f"| {title} [{unit}] | " + " | ".join(cells) + " |")
+    print()
+    for k, v in extra.items():
+        print(f"{k}: {v:.2f}")
+    doc = {"mode": "short" if a.short else "full", "repetitions": reps, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "configs": dict((n, o) for n, o in CONFIGS), "results": table, "extra": extra}
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(doc, f, indent=2)
+        print(f"\nJSON written to {a.json}")
+    missing = [(t, n) for t, row in table.items() for n in names if n not in row]
+    if missing:
+        print(f"incomplete: {missing}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
