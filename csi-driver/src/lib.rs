@@ -7,6 +7,7 @@
 //! - `context`: StorageClass parameters / volume context → settings → daemon options.
 //! - `capability`: supported volume capabilities.
 //! - `supervisor`: per-volume interposer-fs daemons; `mounts`: bind mounts and path checks.
+//! - `client`: a channel to a CSI endpoint (for the ctl binary and tests).
 //! - `error`: `DriverError` and its one conversion to gRPC codes.
 //! - `metrics`: the node's one `/metrics`, merging every volume daemon's.
 //!
@@ -14,6 +15,7 @@
 //! `interposer_fs::mount` (mount-point checks) and the `interposer-fs` binary's command line.
 
 pub mod capability;
+pub mod client;
 pub mod context;
 pub mod controller;
 pub mod driver;

@@ -49,7 +49,6 @@ fn mounts_under(dir: &Path) -> Vec<String> {
 /// A running driver over temporary directories; dropping it stops everything it started.
 struct Driver {
     dir: tempfile::TempDir,
-    port: u16,
     child: Option<Child>,
 }
 
@@ -57,16 +56,7 @@ impl Driver {
     fn start() -> Driver {
         require_root();
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut d = Driver {
-            dir,
-            port,
-            child: None,
-        };
+        let mut d = Driver { dir, child: None };
         d.spawn();
         d
     }
@@ -78,12 +68,9 @@ impl Driver {
             .open(self.dir.path().join("driver.log"))
             .unwrap();
         let child = Command::new(DRIVER)
-            .args([
-                "--endpoint",
-                &format!("tcp://127.0.0.1:{}", self.port),
-                "--node-id",
-                "node-a",
-            ])
+            .arg("--endpoint")
+            .arg(format!("unix://{}", self.socket().display()))
+            .args(["--node-id", "node-a"])
             .arg("--state-dir")
             .arg(self.dir.path().join("state"))
             .arg("--data-dir")
@@ -98,7 +85,7 @@ impl Driver {
             .expect("start csi-interposer");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
             assert!(
                 Instant::now() < deadline,
                 "driver did not listen:\n{}",
@@ -106,6 +93,11 @@ impl Driver {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// A socket of this test's own: no port races between parallel tests.
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("csi.sock")
     }
 
     fn log(&self) -> String {
@@ -125,11 +117,9 @@ impl Driver {
     }
 
     async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://127.0.0.1:{}", self.port))
-            .unwrap()
-            .connect()
+        csi_driver::client::connect(&csi_driver::server::Endpoint::Unix(self.socket()))
             .await
-            .unwrap()
+            .expect("connect to the driver's socket")
     }
     async fn controller(&self) -> ControllerClient<Channel> {
         ControllerClient::new(self.channel().await)

@@ -398,7 +398,8 @@ fn spans_reach_an_otlp_receiver_with_paths_callers_sessions_and_faults() {
     };
     assert_eq!(res("service.name").as_deref(), Some("itest"));
     assert_eq!(res("k8s.pvc.name").as_deref(), Some("data"));
-    assert_eq!(res("k8s.pod.name").as_deref(), Some("app-0"));
+    // The pod can change while the volume runs (learnt at publish): a span attribute.
+    assert_eq!(attr(&write, "k8s.pod.name").as_deref(), Some("app-0"));
     assert_eq!(res("k8s.node.name").as_deref(), Some("node-a"));
 }
 

@@ -15,8 +15,6 @@ use csi_driver::csi::volume_capability::access_mode::Mode;
 use csi_driver::csi::volume_capability::{AccessMode, AccessType, MountVolume};
 use csi_driver::csi::*;
 use csi_driver::server::Endpoint;
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Uri};
 
 #[derive(Parser)]
 #[command(
@@ -66,27 +64,6 @@ enum Cmd {
     Stats { volume_id: String, path: PathBuf },
 }
 
-async fn channel(e: &Endpoint) -> anyhow::Result<Channel> {
-    match e {
-        Endpoint::Tcp(addr) => Ok(Channel::from_shared(format!("http://{addr}"))?
-            .connect()
-            .await?),
-        Endpoint::Unix(path) => {
-            let path = path.clone();
-            Ok(tonic::transport::Endpoint::try_from("http://localhost")?
-                .connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let path = path.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(
-                            tokio::net::UnixStream::connect(path).await?,
-                        ))
-                    }
-                }))
-                .await?)
-        }
-    }
-}
-
 fn cap() -> VolumeCapability {
     VolumeCapability {
         access_mode: Some(AccessMode {
@@ -99,7 +76,7 @@ fn cap() -> VolumeCapability {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let ch = channel(&cli.endpoint)
+    let ch = csi_driver::client::connect(&cli.endpoint)
         .await
         .with_context(|| format!("connecting to {:?}", cli.endpoint))?;
     let (mut ctl, mut node) = (ControllerClient::new(ch.clone()), NodeClient::new(ch));
