@@ -5,8 +5,9 @@ Every configuration is mounted at once over its own directory on the same filesy
 repetition runs every workload on every configuration in turn (interleaved), so a noisy machine
 affects all of them alike. The table shows the median of the repetitions and the ratio to native.
 
-Usage: bench.py [--short] [--reps N] [--json FILE] [--work DIR]
+Usage: bench.py [--short] [--reps N] [--runtime S] [--json FILE] [--work DIR] [--jaeger BIN]
   --short   a few seconds per workload (what CI runs, to keep the benchmark from rotting)
+  --jaeger  a Jaeger binary to run during the benchmark, so ifs-trace/ifs-all pay for real export
 """
 import argparse
 import json
@@ -111,8 +112,8 @@ def fio(directory, name, args):
     return {"MiB/s": (read["bw_bytes"] + write["bw_bytes"]) / 2**20, "IOPS": read["iops"] + write["iops"]}
 
 
-def workloads(short):
-    t = "3" if short else "12"
+def workloads(short, runtime=None):
+    t = str(runtime) if runtime else ("3" if short else "12")
     big = "64M" if short else "1G"
     rfile = "128M" if short else "1G"
     nfiles = 2000 if short else 20000
@@ -206,11 +207,15 @@ def mount_latency(work, samples):
 
 
 def main():
+    # SIGTERM/SIGINT must still unmount everything (the finally below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser()
     ap.add_argument("--short", action="store_true")
     ap.add_argument("--reps", type=int)
     ap.add_argument("--json", default=None)
     ap.add_argument("--work", default="/var/tmp")
+    ap.add_argument("--runtime", type=int, help="seconds per time-based workload")
+    ap.add_argument("--jaeger", help="Jaeger binary to start for the run (OTLP on 127.0.0.1:4317)")
     a = ap.parse_args()
     reps = a.reps or (1 if a.short else 3)
     work = tempfile.mkdtemp(prefix="bench.", dir=a.work)
@@ -221,9 +226,14 @@ def main():
     mounts = Mounts(work)
     results = {}  # workload -> config -> [values]
     extra = {}
+    jaeger = None
+    if a.jaeger:
+        jaeger = subprocess.Popen([a.jaeger], cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://127.0.0.1:4317"
+        time.sleep(3)
     try:
         mounts.mount_all()
-        wl = workloads(a.short)
+        wl = workloads(a.short, a.runtime)
         cpu_before = {n: cpu_seconds(p.pid) for n, p in mounts.procs.items()}
         idle_rss = rss_kib(mounts.procs["ifs-none"].pid, "VmRSS")
         idle_rss_all = rss_kib(mounts.procs["ifs-all"].pid, "VmRSS")
@@ -260,6 +270,12 @@ def main():
             extra[f"daemon CPU seconds per GiB moved, {name}"] = v
     finally:
         mounts.unmount_all()
+        if jaeger is not None:
+            jaeger.terminate()
+            try:
+                jaeger.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                jaeger.kill()
         shutil.rmtree(work, ignore_errors=True)
 
     names = [n for n, _ in CONFIGS]
@@ -269,7 +285,8 @@ def main():
         table[title] = {n: {"median": med[n], "ratio": med[n] / med["native"] if med.get("native") else None,
                             "samples": per[n]} for n in med}
     # Print the table.
-    print(f"\nbench: {'short' if a.short else 'full'} mode, {reps} repetition(s), median; ratio to native in ()")
+    print(f"\nbench: {'short' if a.short else 'full'} mode, {reps} repetition(s), median; ratio to native in ()"
+          + ("; spans exported to a local Jaeger" if a.jaeger else "; no collector listening (spans built, export fails)"))
     print("| workload | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
     for title, row in table.items():
@@ -277,12 +294,12 @@ def main():
         for n in names:
             c = row.get(n)
             cells.append("-" if c is None else f"{c['median']:.0f} ({c['ratio']:.2f})")
-        unit = next((m for t, _, m in workloads(a.short) if t == title), "")
+        unit = next((m for t, _, m in workloads(a.short, a.runtime) if t == title), "")
         print(f"| {title} [{unit}] | " + " | ".join(cells) + " |")
     print()
     for k, v in extra.items():
         print(f"{k}: {v:.2f}")
-    doc = {"mode": "short" if a.short else "full", "repetitions": reps, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    doc = {"mode": "short" if a.short else "full", "repetitions": reps, "jaeger": bool(a.jaeger), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "configs": dict((n, o) for n, o in CONFIGS), "results": table, "extra": extra}
     if a.json:
         with open(a.json, "w") as f:

@@ -411,3 +411,39 @@ fn capacity_is_enforced_and_df_shows_the_volume_size() {
     fs::remove_file(v.path("b")).unwrap();
     fs::write(v.path("c"), vec![1u8; 8 << 20]).unwrap();
 }
+
+#[test]
+fn an_unprivileged_write_clears_setuid_as_the_kernel_would() {
+    let v = Volume::start(&["layers="]);
+    fs::set_permissions(&v.mnt, fs::Permissions::from_mode(0o777)).unwrap();
+    fs::write(v.path("suid"), b"#!/bin/sh\n").unwrap();
+    fs::set_permissions(v.path("suid"), fs::Permissions::from_mode(0o6777)).unwrap();
+    // Root writing keeps the bits (CAP_FSETID)...
+    fs::OpenOptions::new()
+        .append(true)
+        .open(v.path("suid"))
+        .unwrap()
+        .write_all(b"# root\n")
+        .unwrap();
+    assert_eq!(
+        fs::metadata(v.source_path("suid")).unwrap().mode() & 0o7777,
+        0o6777
+    );
+    // ...an unprivileged writer drops set-user-ID and (group-executable) set-group-ID.
+    let status = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+        ])
+        .arg(format!("echo '# nobody' >> {}", v.path("suid").display()))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(
+        fs::metadata(v.source_path("suid")).unwrap().mode() & 0o7777,
+        0o0777
+    );
+}

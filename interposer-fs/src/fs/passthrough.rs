@@ -10,7 +10,7 @@ use std::ffi::OsStr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use parking_lot::{Mutex, RwLock};
@@ -64,6 +64,9 @@ pub struct OpenFile {
     pub ino: u64,
     /// Serialises seek+getdents on a directory stream.
     dir_lock: Mutex<()>,
+    /// The file carried a `security.capability` xattr when opened for writing: the first write
+    /// must remove it (we told the kernel we kill privileges ourselves, see `adapter::init`).
+    has_caps: AtomicBool,
 }
 
 /// File-handle table. Handles are never reused within a mount.
@@ -74,14 +77,17 @@ struct Handles {
 }
 
 impl Handles {
-    fn insert(&self, fd: OwnedFd, ino: u64) -> u64 {
+    fn insert(&self, fd: OwnedFd, ino: u64, writable: bool) -> u64 {
         let fh = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        // One syscall here instead of a kernel round trip on every write.
+        let has_caps = writable && sys::fgetxattr_exists(fd.as_fd(), c"security.capability");
         self.map.write().insert(
             fh,
             Arc::new(OpenFile {
                 fd,
                 ino,
                 dir_lock: Mutex::new(()),
+                has_caps: AtomicBool::new(has_caps),
             }),
         );
         fh
@@ -403,7 +409,7 @@ impl Passthrough {
         let fd = self
             .inodes
             .open(ino, flags & !STRIP_OPEN_FLAGS & !libc::O_NOFOLLOW)?;
-        Ok(self.handles.insert(fd, ino))
+        Ok(self.handles.insert(fd, ino, writable(flags)))
     }
 
     /// Create and open `parent/name` as the caller.
@@ -432,7 +438,7 @@ impl Passthrough {
         }
         let path_fd = sys::openat(dir.as_fd(), &c, libc::O_PATH, 0)?;
         let ino = self.inodes.remember(parent, name, path_fd, &st)?;
-        let fh = self.handles.insert(fd, ino);
+        let fh = self.handles.insert(fd, ino, writable(flags));
         Ok((Entry { ino, attr: st }, fh))
     }
 
@@ -449,8 +455,28 @@ impl Passthrough {
         Ok(buf)
     }
 
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+    /// Write `data`. `kill_suidgid` is the kernel's request (FUSE_WRITE_KILL_SUIDGID) to drop
+    /// set-user-ID and set-group-ID as a write by an unprivileged caller does; like the kernel,
+    /// any write also removes file capabilities.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8], kill_suidgid: bool) -> FsResult<u32> {
         let f = self.fd_of(fh)?;
+        if kill_suidgid {
+            let st = sys::fstat(f.fd.as_fd())?;
+            let mut mode = st.st_mode & 0o7777;
+            mode &= !libc::S_ISUID;
+            if mode & libc::S_IXGRP != 0 {
+                mode &= !libc::S_ISGID;
+            }
+            if mode != st.st_mode & 0o7777 {
+                sys::chmod_fd(f.fd.as_fd(), mode)?;
+            }
+        }
+        if f.has_caps.swap(false, Ordering::Relaxed) {
+            match sys::fremovexattr(f.fd.as_fd(), c"security.capability") {
+                Ok(()) | Err(Errno(libc::ENODATA)) => {}
+                Err(e) => return Err(e),
+            }
+        }
         self.metered(f.fd.as_fd(), offset, data.len() as u64, || {
             sys::pwrite(f.fd.as_fd(), data, offset).map(|n| n as u32)
         })
@@ -491,7 +517,7 @@ impl Passthrough {
 
     pub fn opendir(&self, ino: u64) -> FsResult<u64> {
         let fd = self.inodes.open(ino, libc::O_RDONLY | libc::O_DIRECTORY)?;
-        Ok(self.handles.insert(fd, ino))
+        Ok(self.handles.insert(fd, ino, false))
     }
 
     /// Entries of directory `fh` after cookie `offset` (one batch; call again from the last
@@ -630,6 +656,11 @@ pub enum Xattr {
 fn xattr_name(name: &OsStr) -> FsResult<std::ffi::CString> {
     use std::os::unix::ffi::OsStrExt;
     std::ffi::CString::new(name.as_bytes()).map_err(|_| Errno::EINVAL)
+}
+
+/// Whether open flags allow writing.
+fn writable(flags: i32) -> bool {
+    matches!(flags & libc::O_ACCMODE, libc::O_WRONLY | libc::O_RDWR)
 }
 
 fn dtype_to_mode(d: u8) -> u32 {

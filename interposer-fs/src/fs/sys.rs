@@ -420,6 +420,15 @@ pub fn setxattr(fd: BorrowedFd<'_>, name: &CStr, value: &[u8], flags: i32) -> Fs
     .map(drop)
 }
 
+/// Whether the open file `fd` has the extended attribute `name`.
+pub fn fgetxattr_exists(fd: BorrowedFd<'_>, name: &CStr) -> bool {
+    unsafe { libc::fgetxattr(fd.as_raw_fd(), name.as_ptr(), std::ptr::null_mut(), 0) >= 0 }
+}
+
+pub fn fremovexattr(fd: BorrowedFd<'_>, name: &CStr) -> FsResult<()> {
+    check(unsafe { libc::fremovexattr(fd.as_raw_fd(), name.as_ptr()) }).map(drop)
+}
+
 pub fn removexattr(fd: BorrowedFd<'_>, name: &CStr) -> FsResult<()> {
     let p = proc_path(fd);
     check(unsafe { libc::removexattr(p.as_ptr(), name.as_ptr()) }).map(drop)
