@@ -47,6 +47,10 @@ pub struct Interposer {
     cache: CacheConfig,
     /// Kernel FUSE passthrough for read/write of regular files (opt-in).
     kernel_passthrough: bool,
+    /// Whether FLUSH (each close()) must reach the daemon: only when a fault targets it.
+    /// Otherwise the first FLUSH answers ENOSYS and the kernel stops sending it, saving a
+    /// round trip per close (writes are synchronous, so there is nothing to flush).
+    keep_flush: bool,
     /// Backing ids must be shared by all open handles of an inode: node → live id.
     backing_by_ino: Mutex<HashMap<u64, Weak<BackingId>>>,
     /// Keeps each handle's backing id alive until release.
@@ -169,12 +173,14 @@ impl Interposer {
         stack: Stack,
         cache: CacheConfig,
         kernel_passthrough: bool,
+        keep_flush: bool,
     ) -> Self {
         Interposer {
             fs,
             stack,
             cache,
             kernel_passthrough,
+            keep_flush,
             backing_by_ino: Mutex::new(HashMap::new()),
             backing_by_fh: Mutex::new(HashMap::new()),
         }
@@ -552,6 +558,10 @@ impl Filesystem for Interposer {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        if !self.keep_flush {
+            reply.error(fuser::Errno::ENOSYS);
+            return;
+        }
         let resolve = |_: &OpInfo<'_>| (self.fs.inodes().path(ino.0), None);
         let info = self.info(Op::Flush, req, ino.0, &resolve).with_fh(fh.0);
         Self::reply_empty(self.run(&info, || self.fs.flush(fh.0)), reply);

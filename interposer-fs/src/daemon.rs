@@ -189,6 +189,9 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
         Stack::new(layers),
         CacheConfig { ttl: c.cache_ttl },
         c.kernel_passthrough,
+        p.has_layer(LayerKind::Fault)
+            && p.fault.ops.contains(crate::fs::op::Op::Flush)
+            && (p.fault.probability > 0.0 || !p.fault.delay.is_zero()),
     );
     Ok(Prepared {
         fs,
@@ -203,6 +206,7 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
 /// (see [`block_signals`]), before any other thread starts.
 pub fn run(c: DaemonConfig) -> Result<(), DaemonError> {
     crate::fs::sys::set_umask(0);
+    raise_fd_limit();
     let prepared = prepare(&c)?;
     let spec = MountSpec {
         fsname: c.source.to_string_lossy().into_owned(),
@@ -260,6 +264,20 @@ pub fn run(c: DaemonConfig) -> Result<(), DaemonError> {
         let _ = t.shutdown();
     }
     result
+}
+
+/// Every open file of the volume holds a descriptor here: allow as many as the hard limit.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 /// Block the signals the daemon handles, so that only the signal thread receives them.

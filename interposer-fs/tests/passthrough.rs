@@ -256,9 +256,10 @@ fn many_files_need_no_descriptor_each_and_forgotten_inodes_are_dropped() {
         .to_string();
     assert!(!pid.is_empty(), "daemon pid");
     let fds = fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let bound = interposer_fs::fs::inodes::FD_CACHE_CAPACITY + 64;
     assert!(
-        fds < 200,
-        "3000 known inodes must not hold 3000 descriptors (holding {fds})"
+        fds < bound,
+        "3000 known inodes must not hold 3000 descriptors (holding {fds}, bound {bound})"
     );
 }
 

@@ -29,6 +29,12 @@ use crate::fs::sys::{self, KernelHandle};
 /// FUSE's id for the volume root.
 pub const ROOT: u64 = 1;
 
+/// `O_PATH` descriptors kept for recently used nodes (mostly directories, the parents of every
+/// name operation), so hot paths skip `open_by_handle_at`. Bounded: a volume with millions of
+/// files still needs at most this many descriptors for it.
+pub const FD_CACHE_CAPACITY: usize = 512;
+const FD_SHARDS: usize = 16;
+
 /// Ids from here up are handed out by counter (objects on other devices below SOURCE).
 const FOREIGN_IDS: u64 = 1 << 63;
 
@@ -69,6 +75,8 @@ pub struct InodeTable {
     handles_supported: bool,
     root_dev: u64,
     root_ino: u64,
+    /// node id → `O_PATH` descriptor; sharded, each shard bounded.
+    fd_cache: [parking_lot::Mutex<HashMap<u64, Arc<OwnedFd>>>; FD_SHARDS],
 }
 
 impl InodeTable {
@@ -95,6 +103,7 @@ impl InodeTable {
             root_ino: st.st_ino,
             handles_supported,
             root_dev: st.st_dev,
+            fd_cache: std::array::from_fn(|_| parking_lot::Mutex::new(HashMap::new())),
         })
     }
 
@@ -114,6 +123,27 @@ impl InodeTable {
             .get(&id)
             .map(|n| n.data.clone())
             .ok_or(Errno::ESTALE)
+    }
+
+    /// An `O_PATH` descriptor of node `id` (from the cache when possible). Must run as root.
+    pub fn path_fd(&self, id: u64) -> FsResult<Arc<OwnedFd>> {
+        let shard = &self.fd_cache[(id as usize) % FD_SHARDS];
+        if let Some(fd) = shard.lock().get(&id) {
+            return Ok(fd.clone());
+        }
+        let fd = Arc::new(self.open(id, libc::O_PATH)?);
+        let mut cache = shard.lock();
+        if cache.len() >= FD_CACHE_CAPACITY / FD_SHARDS {
+            if let Some(&victim) = cache.keys().next() {
+                cache.remove(&victim);
+            }
+        }
+        cache.insert(id, fd.clone());
+        Ok(fd)
+    }
+
+    fn uncache(&self, id: u64) {
+        self.fd_cache[(id as usize) % FD_SHARDS].lock().remove(&id);
     }
 
     /// Open node `id` with `flags` (`O_PATH` to just locate it). Must run as root.
@@ -167,6 +197,7 @@ impl InodeTable {
                         _ => false,
                     };
                     if stale {
+                        self.uncache(id);
                         node.data = Arc::new(InodeData {
                             reference,
                             dev: st.st_dev,
@@ -218,6 +249,7 @@ impl InodeTable {
             None => false,
         };
         if remove {
+            self.uncache(id);
             if let Some(node) = maps.nodes.remove(&id) {
                 let key = (node.data.dev, node.data.ino);
                 if maps.by_key.get(&key) == Some(&id) {

@@ -201,7 +201,7 @@ impl Passthrough {
     }
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Entry> {
-        let dir = self.inodes.open(parent, libc::O_PATH)?;
+        let dir = self.inodes.path_fd(parent)?;
         self.enter(parent, dir.as_fd(), name)
     }
 
@@ -215,7 +215,7 @@ impl Passthrough {
                 return sys::fstat(f.fd.as_fd());
             }
         }
-        let fd = self.inodes.open(ino, libc::O_PATH)?;
+        let fd = self.inodes.path_fd(ino)?;
         sys::fstat(fd.as_fd())
     }
 
@@ -227,7 +227,7 @@ impl Passthrough {
         set: SetAttrs,
     ) -> FsResult<libc::stat> {
         let open = fh.and_then(|fh| self.fd_of(fh).ok());
-        let path_fd = self.inodes.open(ino, libc::O_PATH)?;
+        let path_fd = self.inodes.path_fd(ino)?;
         let _as = AsCaller::new(caller)?;
         if let Some(mode) = set.mode {
             sys::chmod_fd(path_fd.as_fd(), mode & 0o7777)?;
@@ -264,7 +264,7 @@ impl Passthrough {
     }
 
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
-        let fd = self.inodes.open(ino, libc::O_PATH)?;
+        let fd = self.inodes.path_fd(ino)?;
         sys::readlink_fd(fd.as_fd())
     }
 
@@ -276,7 +276,7 @@ impl Passthrough {
         name: &OsStr,
         make: impl FnOnce(BorrowedFd<'_>, &std::ffi::CStr) -> FsResult<()>,
     ) -> FsResult<Entry> {
-        let dir = self.inodes.open(parent, libc::O_PATH)?;
+        let dir = self.inodes.path_fd(parent)?;
         let c = sys::cname(name)?;
         {
             let _as = AsCaller::new(caller)?;
@@ -338,7 +338,7 @@ impl Passthrough {
         newparent: u64,
         newname: &OsStr,
     ) -> FsResult<Entry> {
-        let src = self.inodes.open(ino, libc::O_PATH)?;
+        let src = self.inodes.path_fd(ino)?;
         let as_root = caller.uid == 0;
         self.make(caller, newparent, newname, |dir, c| {
             sys::link_fd(src.as_fd(), dir, c, as_root)
@@ -346,7 +346,7 @@ impl Passthrough {
     }
 
     pub fn unlink(&self, caller: Caller, parent: u64, name: &OsStr) -> FsResult<()> {
-        let dir = self.inodes.open(parent, libc::O_PATH)?;
+        let dir = self.inodes.path_fd(parent)?;
         let c = sys::cname(name)?;
         let victim = self.victim(dir.as_fd(), &c);
         {
@@ -358,7 +358,7 @@ impl Passthrough {
     }
 
     pub fn rmdir(&self, caller: Caller, parent: u64, name: &OsStr) -> FsResult<()> {
-        let dir = self.inodes.open(parent, libc::O_PATH)?;
+        let dir = self.inodes.path_fd(parent)?;
         let c = sys::cname(name)?;
         let victim = self.victim(dir.as_fd(), &c);
         {
@@ -378,8 +378,8 @@ impl Passthrough {
         newname: &OsStr,
         flags: u32,
     ) -> FsResult<()> {
-        let old_dir = self.inodes.open(parent, libc::O_PATH)?;
-        let new_dir = self.inodes.open(newparent, libc::O_PATH)?;
+        let old_dir = self.inodes.path_fd(parent)?;
+        let new_dir = self.inodes.path_fd(newparent)?;
         let (oc, nc) = (sys::cname(name)?, sys::cname(newname)?);
         let replaced = if flags & libc::RENAME_EXCHANGE == 0 {
             self.victim(new_dir.as_fd(), &nc)
@@ -421,7 +421,7 @@ impl Passthrough {
         mode: u32,
         flags: i32,
     ) -> FsResult<(Entry, u64)> {
-        let dir = self.inodes.open(parent, libc::O_PATH)?;
+        let dir = self.inodes.path_fd(parent)?;
         let c = sys::cname(name)?;
         let fd = {
             let _as = AsCaller::new(caller)?;
@@ -568,7 +568,7 @@ impl Passthrough {
         value: &[u8],
         flags: i32,
     ) -> FsResult<()> {
-        let fd = self.inodes.open(ino, libc::O_PATH)?;
+        let fd = self.inodes.path_fd(ino)?;
         let c = xattr_name(name)?;
         let _as = AsCaller::new(caller)?;
         sys::setxattr(fd.as_fd(), &c, value, flags)
@@ -576,7 +576,7 @@ impl Passthrough {
 
     /// `size == 0` asks for the length only.
     pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> FsResult<Xattr> {
-        let fd = self.inodes.open(ino, libc::O_PATH)?;
+        let fd = self.inodes.path_fd(ino)?;
         let c = xattr_name(name)?;
         if size == 0 {
             return sys::getxattr(fd.as_fd(), &c, &mut []).map(|n| Xattr::Size(n as u32));
@@ -588,7 +588,7 @@ impl Passthrough {
     }
 
     pub fn listxattr(&self, ino: u64, size: u32) -> FsResult<Xattr> {
-        let fd = self.inodes.open(ino, libc::O_PATH)?;
+        let fd = self.inodes.path_fd(ino)?;
         if size == 0 {
             return sys::listxattr(fd.as_fd(), &mut []).map(|n| Xattr::Size(n as u32));
         }
@@ -599,7 +599,7 @@ impl Passthrough {
     }
 
     pub fn removexattr(&self, caller: Caller, ino: u64, name: &OsStr) -> FsResult<()> {
-        let fd = self.inodes.open(ino, libc::O_PATH)?;
+        let fd = self.inodes.path_fd(ino)?;
         let c = xattr_name(name)?;
         let _as = AsCaller::new(caller)?;
         sys::removexattr(fd.as_fd(), &c)
