@@ -14,7 +14,6 @@ impl Errno {
     pub const ENOENT: Errno = Errno(libc::ENOENT);
     pub const EINVAL: Errno = Errno(libc::EINVAL);
     pub const EBADF: Errno = Errno(libc::EBADF);
-    pub const ERANGE: Errno = Errno(libc::ERANGE);
     pub const ENOSPC: Errno = Errno(libc::ENOSPC);
     pub const ESTALE: Errno = Errno(libc::ESTALE);
 
