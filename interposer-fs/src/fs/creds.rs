@@ -96,9 +96,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn groups_of_this_process_are_readable() {
-        let groups = supplementary_groups(std::process::id()).expect("own status is readable");
-        let _ = groups; // may be empty for root; the call itself must work
+    fn groups_read_from_proc_are_the_ones_the_kernel_reports() {
+        let mut from_proc =
+            supplementary_groups(std::process::id()).expect("own status is readable");
+        let n = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
+        let mut kernel = vec![0 as libc::gid_t; n.max(0) as usize];
+        let n = unsafe { libc::getgroups(kernel.len() as i32, kernel.as_mut_ptr()) };
+        kernel.truncate(n.max(0) as usize);
+        from_proc.sort_unstable();
+        kernel.sort_unstable();
+        assert_eq!(from_proc, kernel);
         assert!(supplementary_groups(0).is_none());
     }
 }
