@@ -14,7 +14,7 @@ use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -99,15 +99,7 @@ fn racing_a_directory_into_an_escaping_symlink_never_reaches_the_outside_file() 
          chmod 600 {0}/d/secret 2>/dev/null; done",
         v.mnt.display()
     );
-    let mut nobody = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "sh",
-            "-c",
-            &script,
-        ])
+    let mut nobody = common::as_nobody(&script)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

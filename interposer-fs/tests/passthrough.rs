@@ -212,13 +212,11 @@ fn files_made_by_other_users_belong_to_them_and_permissions_hold() {
     fs::set_permissions(&v.mnt, fs::Permissions::from_mode(0o1777)).unwrap();
     fs::write(v.path("secret"), b"root only").unwrap();
     fs::set_permissions(v.path("secret"), fs::Permissions::from_mode(0o600)).unwrap();
-    let status = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c"])
-        .arg(format!(
-            "echo hi > {0}/mine && mkdir {0}/mydir && ! cat {0}/secret 2>/dev/null && ! rm -f {0}/secret",
-            v.mnt.display()
-        ))
-        .status()
+    let status = common::as_nobody(&format!(
+        "echo hi > {0}/mine && mkdir {0}/mydir && ! cat {0}/secret 2>/dev/null && ! rm -f {0}/secret",
+        v.mnt.display()
+    ))
+    .status()
         .expect("setpriv (util-linux)");
     assert!(
         status.success(),
@@ -431,15 +429,7 @@ fn an_unprivileged_write_clears_setuid_as_the_kernel_would() {
         0o6777
     );
     // ...an unprivileged writer drops set-user-ID and (group-executable) set-group-ID.
-    let status = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "sh",
-            "-c",
-        ])
-        .arg(format!("echo '# nobody' >> {}", v.path("suid").display()))
+    let status = common::as_nobody(&format!("echo '# nobody' >> {}", v.path("suid").display()))
         .status()
         .unwrap();
     assert!(status.success());

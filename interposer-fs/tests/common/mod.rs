@@ -193,3 +193,17 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// `sh -c SCRIPT` as uid/gid 65534 (nobody) with no supplementary groups (util-linux setpriv).
+pub fn as_nobody(script: &str) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "sh",
+        "-c",
+        script,
+    ]);
+    c
+}
