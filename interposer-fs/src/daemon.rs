@@ -21,7 +21,7 @@ use crate::layers::throttle::ThrottleLayer;
 use crate::layers::trace::{LiveAttributes, TraceLayer};
 use crate::layers::{Layer, Shutdown, Stack};
 use crate::mount::{self, MountSpec};
-use crate::params::LayerKind;
+use crate::params::{LayerKind, VolumeParams, is_volume_key};
 use crate::telemetry::{metrics_server, otlp};
 
 #[derive(Debug, thiserror::Error)]
@@ -64,9 +64,17 @@ pub enum DaemonError {
 struct Prepared {
     fs: Interposer,
     live: Arc<LiveAttributes>,
+    tunable: Tunable,
     passthrough: Arc<Passthrough>,
     shutdown: Arc<Shutdown>,
     tracer: Option<SdkTracerProvider>,
+}
+
+/// The layers whose settings can change on a running volume, and the settings now in force.
+struct Tunable {
+    params: VolumeParams,
+    fault: Option<Arc<FaultLayer>>,
+    throttle: Option<Arc<ThrottleLayer>>,
 }
 
 fn check_paths(c: &DaemonConfig) -> Result<(), DaemonError> {
@@ -142,6 +150,11 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
         }
     }
     let mut layers: Vec<Box<dyn Layer>> = Vec::new();
+    let mut tunable = Tunable {
+        params: p.clone(),
+        fault: None,
+        throttle: None,
+    };
     for kind in &p.layers {
         match kind {
             LayerKind::Trace => {
@@ -155,21 +168,26 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
                 }
             }
             LayerKind::Fault => {
-                let f = FaultLayer::new(p.fault.clone(), shutdown.clone(), metrics.clone());
+                let f = Arc::new(FaultLayer::new(
+                    p.fault.clone(),
+                    shutdown.clone(),
+                    metrics.clone(),
+                ));
                 eprintln!(
                     "interposer-fs: fault seed {} (set fault.seed to replay)",
                     f.seed()
                 );
+                tunable.fault = Some(f.clone());
                 layers.push(Box::new(f));
             }
             LayerKind::Throttle => {
-                if !p.throttle.is_unlimited() {
-                    layers.push(Box::new(ThrottleLayer::new(
-                        &p.throttle,
-                        shutdown.clone(),
-                        metrics.clone(),
-                    )));
-                }
+                let t = Arc::new(ThrottleLayer::new(
+                    &p.throttle,
+                    shutdown.clone(),
+                    metrics.clone(),
+                ));
+                tunable.throttle = Some(t.clone());
+                layers.push(Box::new(t));
             }
         }
     }
@@ -196,6 +214,7 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
     Ok(Prepared {
         fs,
         live,
+        tunable,
         passthrough,
         shutdown,
         tracer,
@@ -237,6 +256,7 @@ pub fn run(c: DaemonConfig) -> Result<(), DaemonError> {
         shutdown: prepared.shutdown.clone(),
         passthrough: prepared.passthrough.clone(),
         live: prepared.live.clone(),
+        tunable: prepared.tunable,
         control: c.control.clone(),
     };
     std::thread::Builder::new()
@@ -301,11 +321,12 @@ struct Signals {
     shutdown: Arc<Shutdown>,
     passthrough: Arc<Passthrough>,
     live: Arc<LiveAttributes>,
+    tunable: Tunable,
     control: Option<PathBuf>,
 }
 
 impl Signals {
-    fn run(self) {
+    fn run(mut self) {
         loop {
             match signal_set().wait() {
                 Ok(nix::sys::signal::Signal::SIGUSR1) => self.apply_control(),
@@ -329,8 +350,9 @@ impl Signals {
     }
 
     /// Read `key=value` lines from the control file and apply what can change live: capacity,
-    /// and the pod using the volume (podName, podNamespace) for spans.
-    fn apply_control(&self) {
+    /// the pod using the volume (podName, podNamespace) for spans, and the volume parameters.
+    /// Parameter lines are the volume's whole contract: keys left out take their defaults.
+    fn apply_control(&mut self) {
         let Some(path) = &self.control else {
             eprintln!("interposer-fs: SIGUSR1 without a control= file; nothing to do");
             return;
@@ -342,12 +364,14 @@ impl Signals {
                 return;
             }
         };
+        let mut contract = Vec::new();
         for line in text
             .lines()
             .map(str::trim)
             .filter(|l| !l.is_empty() && !l.starts_with('#'))
         {
             match line.split_once('=') {
+                Some((k, v)) if is_volume_key(k) => contract.push((k, v)),
                 Some(("capacity", v)) => {
                     match crate::params::parse_quantity("capacity", v.trim()) {
                         Ok(bytes) if self.passthrough.set_capacity(bytes) => {
@@ -368,5 +392,39 @@ impl Signals {
                 ),
             }
         }
+        if !contract.is_empty() {
+            self.retune(&contract);
+        }
+    }
+
+    /// Apply new volume parameters to the running layers: fault and throttle settings change
+    /// at once; anything else needs a new mount and is reported, not applied.
+    fn retune(&mut self, contract: &[(&str, &str)]) {
+        let p = match VolumeParams::parse(contract.iter().copied()) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("interposer-fs: control: {e}; the volume keeps its settings");
+                return;
+            }
+        };
+        let old = &self.tunable.params;
+        if p.layers != old.layers || p.trace != old.trace || p.backend != old.backend {
+            eprintln!(
+                "interposer-fs: control: layers, trace.* and backend apply at the next mount only"
+            );
+        }
+        if let Some(f) = &self.tunable.fault {
+            if p.fault != old.fault {
+                f.retune(p.fault.clone());
+                eprintln!("interposer-fs: fault settings changed: {:?}", p.fault);
+            }
+        }
+        if let Some(t) = &self.tunable.throttle {
+            if p.throttle != old.throttle {
+                t.retune(&p.throttle);
+                eprintln!("interposer-fs: throttle settings changed: {:?}", p.throttle);
+            }
+        }
+        self.tunable.params = p;
     }
 }

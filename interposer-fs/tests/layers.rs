@@ -420,3 +420,62 @@ fn io_keeps_working_when_no_collector_listens() {
         t.elapsed()
     );
 }
+
+/// The control file retunes a running volume: faults switch on and off, a bad value changes
+/// nothing, and the mount stays up throughout (no remount).
+#[test]
+fn faults_switch_on_and_off_on_a_running_volume_through_the_control_file() {
+    let control = tempfile::NamedTempFile::new().unwrap();
+    let ctl = format!("control={}", control.path().display());
+    let v = Volume::start(&["layers=fault,throttle", "fault.ops=read", &ctl]);
+    fs::write(v.path("f"), b"data").unwrap();
+    // Each open drops the kernel's cached pages, so every read reaches the daemon.
+    let read = || fs::read(v.path("f"));
+    // Wait for the daemon to have applied the file: it logs each change.
+    let apply = |text: &str, expect_in_log: &str| {
+        let before = v.stderr.lock().unwrap().len();
+        fs::write(control.path(), text).unwrap();
+        v.signal(libc::SIGUSR1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !v.stderr.lock().unwrap()[before..].contains(expect_in_log) {
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not log {expect_in_log:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    assert_eq!(read().unwrap(), b"data");
+    apply(
+        "layers=fault,throttle\nfault.ops=read\nfault.probability=1\nfault.errno=EACCES\n",
+        "fault settings changed",
+    );
+    assert_eq!(read().unwrap_err().raw_os_error(), Some(libc::EACCES));
+    apply(
+        "layers=fault,throttle\nfault.probability=2\n",
+        "the volume keeps its settings",
+    );
+    assert_eq!(
+        read().unwrap_err().raw_os_error(),
+        Some(libc::EACCES),
+        "a refused value leaves the volume as it was"
+    );
+    apply(
+        "layers=fault,throttle\nfault.ops=read\n",
+        "fault settings changed",
+    );
+    assert_eq!(read().unwrap(), b"data", "back to the StorageClass value");
+    apply(
+        "layers=fault,throttle\nfault.ops=read\nthrottle.readIOPS=5\n",
+        "throttle settings changed",
+    );
+    let t = Instant::now();
+    for _ in 0..10 {
+        read().unwrap();
+    }
+    assert!(
+        t.elapsed() >= Duration::from_millis(1500),
+        "10 reads at 5 IOPS took {:?}",
+        t.elapsed()
+    );
+}

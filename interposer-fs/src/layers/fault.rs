@@ -5,9 +5,15 @@
 //! function of `(seed, n)`, so the same seed and the same sequence of operations give the same
 //! faults on every run, on any machine. Delays sleep on the volume's [`Shutdown`] so an
 //! unmount is never held up by a sleeping fault.
+//!
+//! The settings can be replaced on a running volume ([`FaultLayer::retune`]); while they inject
+//! nothing (probability 0, no delay) the layer costs one lock-free read per operation, so a
+//! StorageClass can keep `fault` in its layers, dormant, ready to be switched on live.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::RwLock;
 
 use crate::fs::errno::Errno;
 use crate::fs::op::{OpInfo, OpResult};
@@ -16,8 +22,10 @@ use crate::layers::{Layer, Shutdown};
 use crate::params::FaultParams;
 
 pub struct FaultLayer {
-    params: FaultParams,
-    seed: u64,
+    params: RwLock<Arc<FaultParams>>,
+    /// Whether the current settings can inject anything (read without the lock).
+    active: AtomicBool,
+    seed: AtomicU64,
     counter: AtomicU64,
     shutdown: Arc<Shutdown>,
     metrics: Option<Arc<Metrics>>,
@@ -38,8 +46,9 @@ impl FaultLayer {
     ) -> Self {
         let seed = params.seed.unwrap_or_else(random_seed);
         FaultLayer {
-            params,
-            seed,
+            active: AtomicBool::new(injects(&params)),
+            params: RwLock::new(Arc::new(params)),
+            seed: AtomicU64::new(seed),
             counter: AtomicU64::new(0),
             shutdown,
             metrics,
@@ -48,45 +57,64 @@ impl FaultLayer {
 
     /// The seed in use (logged at start so a run can be replayed).
     pub fn seed(&self) -> u64 {
-        self.seed
+        self.seed.load(Ordering::Relaxed)
+    }
+
+    /// Replace the settings on a running volume. The operation counter goes on, and so does
+    /// the seed unless the new settings name one.
+    pub fn retune(&self, params: FaultParams) {
+        if let Some(seed) = params.seed {
+            self.seed.store(seed, Ordering::Relaxed);
+        }
+        let active = injects(&params);
+        *self.params.write() = Arc::new(params);
+        self.active.store(active, Ordering::Release);
     }
 
     /// The decision for the `n`-th matching operation.
     pub fn decide(&self, n: u64) -> Decision {
-        Decision {
-            fail: self.params.probability > 0.0
-                && unit(mix(self.seed, n, 0x6661_756c_7400_0001)) < self.params.probability,
-            delay: !self.params.delay.is_zero()
-                && self.params.delay_probability > 0.0
-                && unit(mix(self.seed, n, 0x6465_6c61_7900_0002)) < self.params.delay_probability,
-        }
+        decide(&self.params.read(), self.seed(), n)
     }
+}
 
-    fn matches(&self, info: &OpInfo<'_>) -> bool {
-        self.params.ops.contains(info.op) && self.params.paths.matches(info.path())
+/// Whether settings can fail or delay anything at all.
+fn injects(p: &FaultParams) -> bool {
+    p.probability > 0.0 || (!p.delay.is_zero() && p.delay_probability > 0.0)
+}
+
+fn decide(p: &FaultParams, seed: u64, n: u64) -> Decision {
+    Decision {
+        fail: p.probability > 0.0 && unit(mix(seed, n, 0x6661_756c_7400_0001)) < p.probability,
+        delay: !p.delay.is_zero()
+            && p.delay_probability > 0.0
+            && unit(mix(seed, n, 0x6465_6c61_7900_0002)) < p.delay_probability,
     }
 }
 
 impl Layer for FaultLayer {
     fn call(&self, info: &OpInfo<'_>, next: &mut dyn FnMut() -> OpResult) -> OpResult {
-        if !self.matches(info) {
+        if !self.active.load(Ordering::Acquire) {
+            return next();
+        }
+        let p = self.params.read().clone();
+        if !(p.ops.contains(info.op) && p.paths.matches(info.path())) {
             return next();
         }
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let d = self.decide(n);
+        let d = decide(&p, self.seed(), n);
         if d.delay {
-            info.injected_delay.set(self.params.delay);
+            info.injected_delay.set(p.delay);
             if let Some(m) = &self.metrics {
                 m.fault_injected(info.op, "delay");
             }
-            self.shutdown.sleep(self.params.delay);
+            self.shutdown.sleep(p.delay);
         }
         if d.fail {
-            info.injected_errno.set(Some(self.params.errno));
+            info.injected_errno.set(Some(p.errno));
             if let Some(m) = &self.metrics {
                 m.fault_injected(info.op, "errno");
             }
-            return Err(Errno(self.params.errno));
+            return Err(Errno(p.errno));
         }
         next()
     }
@@ -191,6 +219,31 @@ mod tests {
         assert_eq!(run(Op::Write, "x/app.log"), Err(Errno::EIO));
         assert!(run(Op::Write, "x/app.txt").is_ok());
         assert!(run(Op::Read, "x/app.log").is_ok());
+    }
+
+    #[test]
+    fn retuning_switches_faults_on_and_off_and_keeps_the_seed() {
+        let l = layer(5, 0.0);
+        let resolve = |_: &OpInfo<'_>| (String::from("f"), None);
+        let caller = Caller {
+            pid: 1,
+            uid: 0,
+            gid: 0,
+        };
+        let run = |l: &FaultLayer| {
+            let info = OpInfo::new(Op::Read, caller, 2, &resolve);
+            l.call(&info, &mut || Ok(Outcome::default()))
+        };
+        assert!(run(&l).is_ok());
+        l.retune(FaultParams {
+            probability: 1.0,
+            errno: libc::EACCES,
+            ..FaultParams::default()
+        });
+        assert_eq!(run(&l), Err(Errno(libc::EACCES)));
+        assert_eq!(l.seed(), 5, "no seed given: the old one stays");
+        l.retune(FaultParams::default());
+        assert!(run(&l).is_ok());
     }
 
     #[test]

@@ -23,6 +23,13 @@ pub trait Layer: Send + Sync {
     fn call(&self, info: &OpInfo<'_>, next: &mut dyn FnMut() -> OpResult) -> OpResult;
 }
 
+/// A shared layer (kept also by whoever retunes it on a running volume).
+impl<L: Layer + ?Sized> Layer for Arc<L> {
+    fn call(&self, info: &OpInfo<'_>, next: &mut dyn FnMut() -> OpResult) -> OpResult {
+        (**self).call(info, next)
+    }
+}
+
 /// Layers in call order, outermost first.
 #[derive(Default)]
 pub struct Stack {

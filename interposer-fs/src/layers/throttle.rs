@@ -4,11 +4,15 @@
 //! down to fit the quota: it takes its whole cost from the bucket, which may go into debt, and
 //! waits until the debt is paid. Waits happen on the FUSE worker thread that carries the
 //! operation (never on an async runtime) and end at once when the volume unmounts.
+//!
+//! Limits can be replaced on a running volume ([`ThrottleLayer::retune`]); an unlimited layer
+//! costs one lock-free read per operation.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::fs::op::{Direction, OpInfo, OpResult};
 use crate::layers::metrics::Metrics;
@@ -58,26 +62,48 @@ impl TokenBucket {
     }
 }
 
-pub struct ThrottleLayer {
+/// The buckets of one set of limits; `None` is unlimited.
+struct Buckets {
     read_bytes: Option<TokenBucket>,
     write_bytes: Option<TokenBucket>,
     read_ops: Option<TokenBucket>,
     write_ops: Option<TokenBucket>,
+}
+
+impl Buckets {
+    fn new(p: &ThrottleParams) -> Self {
+        let bucket = |rate: Option<u64>| rate.map(|r| TokenBucket::new(r, p.burst));
+        Buckets {
+            read_bytes: bucket(p.read_bytes_per_second),
+            write_bytes: bucket(p.write_bytes_per_second),
+            read_ops: bucket(p.read_iops),
+            write_ops: bucket(p.write_iops),
+        }
+    }
+}
+
+pub struct ThrottleLayer {
+    buckets: RwLock<Arc<Buckets>>,
+    /// Whether any limit is set (read without the lock).
+    limited: AtomicBool,
     shutdown: Arc<Shutdown>,
     metrics: Option<Arc<Metrics>>,
 }
 
 impl ThrottleLayer {
     pub fn new(p: &ThrottleParams, shutdown: Arc<Shutdown>, metrics: Option<Arc<Metrics>>) -> Self {
-        let bucket = |rate: Option<u64>| rate.map(|r| TokenBucket::new(r, p.burst));
         ThrottleLayer {
-            read_bytes: bucket(p.read_bytes_per_second),
-            write_bytes: bucket(p.write_bytes_per_second),
-            read_ops: bucket(p.read_iops),
-            write_ops: bucket(p.write_iops),
+            buckets: RwLock::new(Arc::new(Buckets::new(p))),
+            limited: AtomicBool::new(!p.is_unlimited()),
             shutdown,
             metrics,
         }
+    }
+
+    /// Replace the limits on a running volume; the new buckets start empty.
+    pub fn retune(&self, p: &ThrottleParams) {
+        *self.buckets.write() = Arc::new(Buckets::new(p));
+        self.limited.store(!p.is_unlimited(), Ordering::Release);
     }
 }
 
@@ -86,9 +112,13 @@ impl Layer for ThrottleLayer {
         let Some(dir) = info.op.direction() else {
             return next();
         };
+        if !self.limited.load(Ordering::Acquire) {
+            return next();
+        }
+        let b = self.buckets.read().clone();
         let (bytes, ops) = match dir {
-            Direction::Read => (&self.read_bytes, &self.read_ops),
-            Direction::Write => (&self.write_bytes, &self.write_ops),
+            Direction::Read => (&b.read_bytes, &b.read_ops),
+            Direction::Write => (&b.write_bytes, &b.write_ops),
         };
         let size = info.size.unwrap_or(0) as f64;
         let wait = [

@@ -140,6 +140,12 @@ impl Volume {
             .unwrap_or_else(|| panic!("no metrics address in daemon output:\n{log}"))
     }
 
+    /// Send `sig` to the daemon.
+    pub fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("daemon is running").id();
+        unsafe { libc::kill(pid as i32, sig) };
+    }
+
     /// Stop the daemon (SIGTERM) and wait; returns its exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
