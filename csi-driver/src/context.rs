@@ -27,6 +27,8 @@ pub struct VolumeSettings {
     pub pod_namespace: Option<String>,
     /// `csi.storage.k8s.io/ephemeral: "true"` on an inline volume.
     pub ephemeral: bool,
+    /// `pvc` backend: the backing PersistentVolume CreateVolume bound (volume context).
+    pub backing_pv: Option<String>,
 }
 
 /// Validate a parameter map or volume context. `field` names it in errors.
@@ -44,6 +46,7 @@ pub fn settings(map: &HashMap<String, String>, field: &str) -> DriverResult<Volu
                 match key {
                     "pvcName" => s.pvc_name = Some(v.clone()),
                     "pvcNamespace" => s.pvc_namespace = Some(v.clone()),
+                    "backingPV" => s.backing_pv = Some(v.clone()),
                     _ => {}
                 }
             }
@@ -71,7 +74,19 @@ pub fn volume_context(s: &VolumeSettings) -> HashMap<String, String> {
     if let Some(n) = &s.pvc_namespace {
         ctx.insert(format!("{CONTEXT_PREFIX}pvcNamespace"), n.clone());
     }
+    if let Some(pv) = &s.backing_pv {
+        ctx.insert(format!("{CONTEXT_PREFIX}backingPV"), pv.clone());
+    }
     ctx
+}
+
+impl VolumeSettings {
+    /// Whether the data lives in another volume (a backing PVC) rather than a node directory.
+    pub fn stacked(&self) -> bool {
+        self.params.backend == interposer_fs::params::Backend::Pvc
+            || self.params.backing_claim.is_some()
+            || self.backing_pv.is_some()
+    }
 }
 
 /// `-o` options for the volume's interposer-fs daemon.

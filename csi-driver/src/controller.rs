@@ -1,6 +1,9 @@
-//! CSI Controller service for the `dir` backend: volumes are directories under `--data-dir` on
-//! the node that serves this controller (external-provisioner's distributed mode), so creation
-//! and deletion happen where the data lives.
+//! CSI Controller service.
+//!
+//! `dir` backend: volumes are directories under `--data-dir` on the node that serves this
+//! controller (external-provisioner's distributed mode), so creation and deletion happen where
+//! the data lives. `pvc` backend: a volume is a backing claim of another StorageClass, which
+//! this controller creates, waits for and deletes (`create_stacked_volume`).
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -17,6 +20,7 @@ use crate::csi::*;
 use crate::driver::{CONTEXT_PREFIX, Driver, TOPOLOGY_KEY, log_rpc};
 use crate::error::{DriverError, DriverResult};
 use crate::ids::VolumeId;
+use crate::k8s;
 use crate::state::ControllerRecord;
 
 pub struct ControllerService {
@@ -72,19 +76,7 @@ impl Driver {
             content_source: None,
             accessible_topology: vec![self.topology()],
         };
-        if let Some(existing) = self.state.controller(id)? {
-            if existing.name != req.name {
-                return Err(DriverError::Internal(format!(
-                    "volume id {id} collides with volume {:?}",
-                    existing.name
-                )));
-            }
-            if existing.capacity_bytes != capacity || existing.parameters != s.contract {
-                return Err(DriverError::AlreadyExists(format!(
-                    "volume {:?} exists with capacity {} and other parameters",
-                    req.name, existing.capacity_bytes
-                )));
-            }
+        if let Some(existing) = self.existing(req, id, s, capacity)? {
             return Ok(volume(existing.capacity_bytes));
         }
         let (total, _) = self.data_space()?;
@@ -106,8 +98,102 @@ impl Driver {
             capacity_bytes: capacity,
             parameters: s.contract.clone(),
             node_id: self.config.node_id.clone(),
+            backing_claim: None,
         })?;
         Ok(volume(capacity))
+    }
+
+    /// The record of an identical earlier CreateVolume; AlreadyExists if it differs.
+    fn existing(
+        &self,
+        req: &CreateVolumeRequest,
+        id: &VolumeId,
+        s: &VolumeSettings,
+        capacity: i64,
+    ) -> DriverResult<Option<ControllerRecord>> {
+        let Some(existing) = self.state.controller(id)? else {
+            return Ok(None);
+        };
+        if existing.name != req.name {
+            return Err(DriverError::Internal(format!(
+                "volume id {id} collides with volume {:?}",
+                existing.name
+            )));
+        }
+        if existing.capacity_bytes != capacity || existing.parameters != s.contract {
+            return Err(DriverError::AlreadyExists(format!(
+                "volume {:?} exists with capacity {} and other parameters",
+                req.name, existing.capacity_bytes
+            )));
+        }
+        Ok(Some(existing))
+    }
+
+    /// `pvc` backend: create (or find) the backing claim, record it before waiting so that
+    /// DeleteVolume can always clean it up, then wait up to `--bind-timeout` for it to bind.
+    /// A claim still pending is Unavailable: the provisioner retries, and the retry finds it.
+    fn create_stacked_volume(
+        &self,
+        req: &CreateVolumeRequest,
+        id: &VolumeId,
+        s: &VolumeSettings,
+        capacity: i64,
+    ) -> DriverResult<Volume> {
+        let class = s.params.backing_storage_class.clone().ok_or_else(|| {
+            DriverError::InvalidArgument(
+                "parameters: backingClaim wraps one existing claim, for a static PV or an inline volume; a StorageClass names backingStorageClass".into(),
+            )
+        })?;
+        let ns = self.config.namespace.clone();
+        let name = format!("interposer-{id}");
+        if self.existing(req, id, s, capacity)?.is_none() {
+            self.state.save_controller(&ControllerRecord {
+                id: id.to_string(),
+                name: req.name.clone(),
+                capacity_bytes: capacity,
+                parameters: s.contract.clone(),
+                node_id: self.config.node_id.clone(),
+                backing_claim: Some((ns.clone(), name.clone())),
+            })?;
+        }
+        let pv = self.block_on(async {
+            let kube = self.kube().await?;
+            let spec = k8s::claim_spec(&ns, &name, &class, capacity, "ReadWriteOnce", id.as_str());
+            let claim = kube.create_claim(&spec).await?;
+            if !k8s::is_ours(&claim, id.as_str()) {
+                return Err(DriverError::AlreadyExists(format!(
+                    "claim {ns}/{name} exists and was not made for volume {id}"
+                )));
+            }
+            let deadline = std::time::Instant::now() + self.config.bind_timeout;
+            loop {
+                let claim = kube.claim(&ns, &name).await?;
+                let status = claim.as_ref().and_then(|c| c.status.as_ref());
+                let bound = status.and_then(|s| s.phase.as_deref()) == Some("Bound");
+                let pv = claim.and_then(|c| c.spec).and_then(|s| s.volume_name);
+                if let (true, Some(pv)) = (bound, pv) {
+                    return Ok(pv);
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(DriverError::Unavailable(format!(
+                        "backing claim {ns}/{name} of StorageClass {class} is not bound after {}s; retry (see its events: kubectl -n {ns} describe pvc {name})",
+                        self.config.bind_timeout.as_secs()
+                    )));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+        })?;
+        let mut volume_settings = s.clone();
+        volume_settings.backing_pv = Some(pv);
+        let mut ctx = context::volume_context(&volume_settings);
+        ctx.insert(format!("{CONTEXT_PREFIX}capacity"), capacity.to_string());
+        Ok(Volume {
+            capacity_bytes: capacity,
+            volume_id: id.to_string(),
+            volume_context: ctx,
+            content_source: None,
+            accessible_topology: Vec::new(),
+        })
     }
 
     fn delete_volume(&self, id: &VolumeId) -> DriverResult<()> {
@@ -116,6 +202,20 @@ impl Driver {
                 "volume {id} is still staged at {}",
                 n.mount_path.display()
             )));
+        }
+        if let Some((ns, name)) = self.state.controller(id)?.and_then(|r| r.backing_claim) {
+            self.block_on(async {
+                let kube = self.kube().await?;
+                match kube.claim(&ns, &name).await? {
+                    Some(c) if !k8s::is_ours(&c, id.as_str()) => {
+                        log::warn!("claim {ns}/{name} is not ours for volume {id}: left alone")
+                    }
+                    Some(_) => kube.delete_claim(&ns, &name).await?,
+                    None => {}
+                }
+                Ok::<_, DriverError>(())
+            })?;
+            return self.state.remove_controller(id);
         }
         let dir = self.backing_dir(id);
         match std::fs::remove_dir_all(&dir) {
@@ -168,16 +268,19 @@ impl Controller for ControllerService {
             }
             capability::validate(&req.volume_capabilities, "volume_capabilities")?;
             let s = context::settings(&req.parameters, "parameters")?;
-            if s.params.backend == Backend::Pvc {
-                return Err(DriverError::InvalidArgument(
-                    "parameter \"backend\": pvc is not available in this version; expected dir".into(),
-                )
-                .into());
-            }
             if req.volume_content_source.is_some() {
                 return Err(DriverError::InvalidArgument("volume_content_source: snapshots and clones are not supported".into()).into());
             }
             let capacity = capacity_for(req.capacity_range.as_ref(), self.driver.config.default_capacity)?;
+            let id = VolumeId::from_name(&req.name);
+            if s.params.backend == Backend::Pvc || s.params.backing_claim.is_some() {
+                let (req2, id2) = (req.clone(), id.clone());
+                let volume = self
+                    .driver
+                    .locked(&id, move |d| d.create_stacked_volume(&req2, &id2, &s, capacity))
+                    .await?;
+                return Ok(Response::new(CreateVolumeResponse { volume: Some(volume) }));
+            }
             if !self.driver.reachable(req.accessibility_requirements.as_ref()) {
                 return Err(DriverError::ResourceExhausted(format!(
                     "accessibility_requirements exclude node {}, the only node this controller serves",
@@ -185,7 +288,6 @@ impl Controller for ControllerService {
                 ))
                 .into());
             }
-            let id = VolumeId::from_name(&req.name);
             let req2 = req.clone();
             let id2 = id.clone();
             let volume = self

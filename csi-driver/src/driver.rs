@@ -8,11 +8,13 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
 use crate::error::{DriverError, DriverResult};
 use crate::ids::VolumeId;
+use crate::k8s::Kube;
 use crate::state::StateDir;
 use crate::supervisor::Supervisor;
 
@@ -46,6 +48,16 @@ pub struct Config {
     pub max_volumes_per_node: i64,
     /// Size of a volume created without a capacity range.
     pub default_capacity: i64,
+    /// `pvc` backend: the namespace of the backing claims the controller creates.
+    pub namespace: String,
+    /// `pvc` backend: how long CreateVolume waits for a backing claim to bind before
+    /// answering Unavailable (the provisioner retries).
+    pub bind_timeout: Duration,
+    /// kubelet's plugins directory: lower drivers' sockets are `<dir>/<driver>/csi.sock`.
+    pub plugins_dir: PathBuf,
+    /// Where lower volumes are staged and published for us; lower drivers must see it (it
+    /// should be under kubelet's directory, which they mount).
+    pub lower_dir: PathBuf,
 }
 
 /// Per-volume locks: RPCs on one volume run one at a time, on different volumes in parallel.
@@ -67,21 +79,43 @@ pub struct Driver {
     pub state: StateDir,
     pub supervisor: Supervisor,
     pub locks: VolumeLocks,
+    /// The runtime serving the RPCs; blocking work reaches async clients through it.
+    rt: tokio::runtime::Handle,
+    /// The Kubernetes API, connected on first use (only `pvc` volumes and tuning need it).
+    kube: tokio::sync::OnceCell<Kube>,
 }
 
 impl Driver {
+    /// Call from within the Tokio runtime that will serve the driver.
     pub fn new(config: Config) -> DriverResult<Arc<Driver>> {
         let state = StateDir::open(&config.state_dir)?;
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
             DriverError::internal(format!("creating {}", config.data_dir.display()), e)
         })?;
         let supervisor = Supervisor::new(config.interposer_bin.clone());
+        let rt = tokio::runtime::Handle::try_current()
+            .map_err(|e| DriverError::internal("the driver needs a Tokio runtime", e))?;
         Ok(Arc::new(Driver {
             config,
             state,
             supervisor,
             locks: VolumeLocks::default(),
+            rt,
+            kube: tokio::sync::OnceCell::new(),
         }))
+    }
+
+    /// Run a future from blocking work (the RPC workers of [`Driver::locked`]).
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    /// The Kubernetes API client, connected on first use.
+    pub async fn kube(&self) -> DriverResult<&Kube> {
+        Ok(self
+            .kube
+            .get_or_try_init(|| Kube::connect(&self.config.node_id))
+            .await?)
     }
 
     /// Backing directory of a `dir` volume.

@@ -29,6 +29,9 @@ pub enum DriverError {
     Aborted(String),
     #[error("{0}")]
     Unimplemented(String),
+    /// Not possible yet, worth retrying (a backing claim still binding, the API unreachable).
+    #[error("{0}")]
+    Unavailable(String),
     /// Something on the node failed (a mount, a daemon, the state directory).
     #[error("{0}")]
     Internal(String),
@@ -45,6 +48,7 @@ impl DriverError {
             DriverError::ResourceExhausted(_) => Code::ResourceExhausted,
             DriverError::Aborted(_) => Code::Aborted,
             DriverError::Unimplemented(_) => Code::Unimplemented,
+            DriverError::Unavailable(_) => Code::Unavailable,
             DriverError::Internal(_) => Code::Internal,
         }
     }
@@ -87,6 +91,7 @@ mod tests {
             ),
             (DriverError::Aborted("x".into()), Code::Aborted),
             (DriverError::Unimplemented("x".into()), Code::Unimplemented),
+            (DriverError::Unavailable("x".into()), Code::Unavailable),
             (DriverError::Internal("x".into()), Code::Internal),
         ];
         for (e, code) in table {

@@ -10,6 +10,9 @@
 //! - `client`: a channel to a CSI endpoint (for the ctl binary and tests).
 //! - `error`: `DriverError` and its one conversion to gRPC codes.
 //! - `metrics`: the node's one `/metrics`, merging every volume daemon's.
+//! - `k8s`: every Kubernetes API call (with the RBAC rule each needs); `lower`: the volume
+//!   under a stacked (`pvc`) volume, set up through its own CSI driver; `tuning`: claim
+//!   annotations that retune running volumes.
 //!
 //! Rule: this crate uses interposer-fs only through `interposer_fs::params` (validation),
 //! `interposer_fs::mount` (mount-point checks) and the `interposer-fs` binary's command line.
@@ -22,12 +25,15 @@ pub mod driver;
 pub mod error;
 pub mod identity;
 pub mod ids;
+pub mod k8s;
+pub mod lower;
 pub mod metrics;
 pub mod mounts;
 pub mod node;
 pub mod server;
 pub mod state;
 pub mod supervisor;
+pub mod tuning;
 
 /// Generated from proto/csi.proto (CSI v1.13.0).
 #[allow(clippy::all, missing_docs)]

@@ -44,6 +44,23 @@ struct Cli {
     /// Serve the node's Prometheus `/metrics` (all volumes on this node) on HOST:PORT.
     #[arg(long)]
     metrics_address: Option<std::net::SocketAddr>,
+    /// `pvc` backend: namespace of the backing claims the controller creates (its own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// `pvc` backend: seconds CreateVolume waits for a backing claim to bind before answering
+    /// Unavailable (keep it below external-provisioner's --timeout; the provisioner retries).
+    #[arg(long, default_value_t = 8)]
+    bind_timeout_seconds: u64,
+    /// kubelet's plugins directory, where lower CSI drivers have `<driver>/csi.sock`.
+    #[arg(long, default_value = "/var/lib/kubelet/plugins")]
+    plugins_dir: PathBuf,
+    /// Where lower volumes of stacked volumes are staged and published (lower drivers must
+    /// see it: keep it under kubelet's directory).
+    #[arg(
+        long,
+        default_value = "/var/lib/kubelet/plugins/kubernetes.io/csi/interposer.csi.dev-lower"
+    )]
+    lower_dir: PathBuf,
     /// OTLP/gRPC collector for the volumes' spans (sets OTEL_EXPORTER_OTLP_ENDPOINT for daemons).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
@@ -77,6 +94,10 @@ async fn main() -> anyhow::Result<()> {
         interposer_bin,
         max_volumes_per_node: cli.max_volumes_per_node,
         default_capacity: cli.default_capacity,
+        namespace: cli.namespace,
+        bind_timeout: std::time::Duration::from_secs(cli.bind_timeout_seconds),
+        plugins_dir: cli.plugins_dir,
+        lower_dir: cli.lower_dir,
     })
     .map_err(|e| anyhow::anyhow!("{e}"))?;
     if cli.mode != Mode::Controller {
@@ -85,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
             .await?
             .map_err(|e| anyhow::anyhow!("recovering volumes: {e}"))?;
         log::info!("recovered volumes: {adopted} adopted, {repaired} repaired");
+        tokio::spawn(csi_driver::tuning::run(driver.clone()));
     }
     if let Some(addr) = cli.metrics_address {
         let listener = tokio::net::TcpListener::bind(addr)

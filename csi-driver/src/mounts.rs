@@ -101,6 +101,21 @@ pub fn unmount_if_mounted(path: &Path) -> DriverResult<bool> {
     Ok(false)
 }
 
+/// Create a directory and its parents.
+pub fn mkdir(path: &Path) -> DriverResult<()> {
+    std::fs::create_dir_all(path)
+        .map_err(|e| DriverError::internal(format!("creating {}", path.display()), e))
+}
+
+/// Remove an empty directory if it is there (a failure is only logged: it leaks nothing).
+pub fn remove_dir(path: &Path) {
+    if let Err(e) = std::fs::remove_dir(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            log::warn!("removing {}: {e}", path.display());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

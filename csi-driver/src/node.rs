@@ -5,6 +5,9 @@
 //! What was staged and published is recorded under `--state-dir` before answering, so after a
 //! restart `recover` finds every volume again: live daemons are adopted, dead ones are
 //! restarted and their bind mounts redone.
+//!
+//! A stacked volume (`pvc` backend, or `backingClaim`) first has its lower volume set up by
+//! `lower` (the backing PV through its own driver); the interposer then serves that directory.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::PermissionsExt;
@@ -21,7 +24,8 @@ use crate::csi::*;
 use crate::driver::{CONTEXT_PREFIX, Driver, TOPOLOGY_KEY, log_rpc};
 use crate::error::{DriverError, DriverResult};
 use crate::ids::VolumeId;
-use crate::mounts;
+use crate::lower::Backing;
+use crate::mounts::{self, mkdir, remove_dir};
 use crate::state::{NodeRecord, Publication};
 use crate::supervisor::Daemon;
 
@@ -33,19 +37,6 @@ fn daemon(rec: &NodeRecord) -> Daemon {
     Daemon {
         pid: rec.pid,
         start: rec.pid_start,
-    }
-}
-
-fn mkdir(path: &Path) -> DriverResult<()> {
-    std::fs::create_dir_all(path)
-        .map_err(|e| DriverError::internal(format!("creating {}", path.display()), e))
-}
-
-fn remove_dir(path: &Path) {
-    if let Err(e) = std::fs::remove_dir(path) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            log::warn!("removing {}: {e}", path.display());
-        }
     }
 }
 
@@ -82,7 +73,11 @@ impl Driver {
             }
             return Ok(());
         }
-        let backing = self.backing_dir(id);
+        let backing = if s.stacked() {
+            self.lower_up(id, backing_of(s)?)?
+        } else {
+            self.backing_dir(id)
+        };
         if !backing.is_dir() {
             return Err(DriverError::NotFound(format!(
                 "volume {id} has no data on node {}",
@@ -108,6 +103,9 @@ impl Driver {
             pid_start: d.start,
             targets: BTreeMap::new(),
             ephemeral: false,
+            claim: s.pvc_namespace.clone().zip(s.pvc_name.clone()),
+            contract: s.contract.clone(),
+            tuning: BTreeMap::new(),
         };
         if let Err(e) = self.state.save_node(&rec) {
             let _ = self.supervisor.stop(d, staging);
@@ -118,7 +116,8 @@ impl Driver {
 
     fn unstage(&self, id: &VolumeId, staging: &Path) -> DriverResult<()> {
         let Some(rec) = self.state.node(id)? else {
-            return Ok(());
+            // A stage cut short after its lower volume was set up leaves only that to undo.
+            return self.lower_down(id);
         };
         if rec.ephemeral || rec.mount_path != staging {
             return Err(DriverError::NotFound(format!(
@@ -130,6 +129,7 @@ impl Driver {
             mounts::unmount_if_mounted(target)?;
         }
         self.supervisor.stop(daemon(&rec), staging)?;
+        self.lower_down(id)?;
         self.state.remove_node(id)
     }
 
@@ -216,10 +216,28 @@ impl Driver {
             }
             return Ok(());
         }
-        let backing = self.ephemeral_dir(id);
-        mkdir(&backing)?;
-        std::fs::set_permissions(&backing, std::fs::Permissions::from_mode(0o777))
-            .map_err(|e| DriverError::internal(format!("chmod {}", backing.display()), e))?;
+        let backing = if s.stacked() {
+            let Some((ns, _)) = &s.params.backing_claim else {
+                return Err(DriverError::InvalidArgument(
+                    "volume_context: an inline volume stacks on an existing claim: set backingClaim".into(),
+                ));
+            };
+            if s.pod_namespace.as_ref() != Some(ns) {
+                return Err(DriverError::InvalidArgument(format!(
+                    "volume_context: backingClaim must be in the pod's own namespace ({})",
+                    s.pod_namespace
+                        .as_deref()
+                        .unwrap_or("unknown: podInfoOnMount is off")
+                )));
+            }
+            self.lower_up(id, backing_of(s)?)?
+        } else {
+            let backing = self.ephemeral_dir(id);
+            mkdir(&backing)?;
+            std::fs::set_permissions(&backing, std::fs::Permissions::from_mode(0o777))
+                .map_err(|e| DriverError::internal(format!("chmod {}", backing.display()), e))?;
+            backing
+        };
         mkdir(target)?;
         let options = context::daemon_options(
             s,
@@ -248,6 +266,9 @@ impl Driver {
                 },
             )]),
             ephemeral: true,
+            claim: None,
+            contract: s.contract.clone(),
+            tuning: BTreeMap::new(),
         };
         if let Err(e) = self.state.save_node(&rec) {
             let _ = self.supervisor.stop(d, target);
@@ -260,7 +281,10 @@ impl Driver {
         match self.state.node(id)? {
             Some(rec) if rec.ephemeral && rec.mount_path == target => {
                 self.supervisor.stop(daemon(&rec), target)?;
-                if let Err(e) = std::fs::remove_dir_all(&rec.backing_dir) {
+                if self.state.lower(id)?.is_some() {
+                    // The data is the backing claim's: only undo the lower mount.
+                    self.lower_down(id)?;
+                } else if let Err(e) = std::fs::remove_dir_all(&rec.backing_dir) {
                     log::warn!("removing {}: {e}", rec.backing_dir.display());
                 }
                 self.state.remove_node(id)?;
@@ -271,8 +295,10 @@ impl Driver {
                 self.state.save_node(&rec)?;
             }
             _ => {
-                // Not ours (or already done): only undo a mount if one is left there.
+                // Not ours (or already done): only undo a mount if one is left there, and a
+                // lower volume an interrupted inline publish set up.
                 mounts::unmount_if_mounted(target)?;
+                self.lower_down(id)?;
             }
         }
         remove_dir(target);
@@ -286,6 +312,11 @@ impl Driver {
             mounts::unmount_if_mounted(target)?;
         }
         self.supervisor.stop(daemon(rec), &rec.mount_path)?;
+        if let Some(lower) = self.state.lower(&id)? {
+            if !mounts::is_mount_point(&lower.target_path).unwrap_or(false) {
+                self.lower_up(&id, Backing::Volume(&lower.pv))?;
+            }
+        }
         mkdir(&rec.mount_path)?;
         let (d, metrics_url) = self.supervisor.start(
             &rec.backing_dir,
@@ -300,7 +331,11 @@ impl Driver {
             mkdir(target)?;
             mounts::bind(&rec.mount_path, target, p.readonly)?;
         }
-        self.state.save_node(rec)
+        self.state.save_node(rec)?;
+        if rec.pod.is_some() || !rec.tuning.is_empty() {
+            self.push_live_settings(rec)?;
+        }
+        Ok(())
     }
 
     /// At start-up: adopt live volumes, repair dead ones. Returns (adopted, repaired).
@@ -433,9 +468,9 @@ impl Driver {
         Ok(capacity)
     }
 
-    /// Tell the running daemon what changed since it started (size, the pod using it): write
-    /// its control file and send SIGUSR1. No remount, no interruption of I/O.
-    fn push_live_settings(&self, rec: &NodeRecord) -> DriverResult<()> {
+    /// Tell the running daemon what changed since it started (size, the pod using it, tuned
+    /// parameters): write its control file and send SIGUSR1. No remount, no interruption of I/O.
+    pub(crate) fn push_live_settings(&self, rec: &NodeRecord) -> DriverResult<()> {
         let id = VolumeId::parse(&rec.id, "state")?;
         let mut text = String::new();
         if let Some(c) = rec.options.iter().find(|o| o.starts_with("capacity=")) {
@@ -445,6 +480,9 @@ impl Driver {
         if let Some((name, namespace)) = &rec.pod {
             text.push_str(&format!("podName={name}\npodNamespace={namespace}\n"));
         }
+        for (k, v) in crate::tuning::effective(rec) {
+            text.push_str(&format!("{k}={v}\n"));
+        }
         crate::state::write_atomically(&self.state.control_path(&id), text.as_bytes())
             .map_err(|e| DriverError::internal("writing the control file", e))?;
         if self.supervisor.alive(daemon(rec)) {
@@ -452,6 +490,19 @@ impl Driver {
         }
         Ok(())
     }
+}
+
+/// Which backing volume a stacked volume's settings name.
+fn backing_of(s: &VolumeSettings) -> DriverResult<Backing<'_>> {
+    if let Some(pv) = &s.backing_pv {
+        return Ok(Backing::Volume(pv));
+    }
+    if let Some((ns, name)) = &s.params.backing_claim {
+        return Ok(Backing::Claim(ns, name));
+    }
+    Err(DriverError::InvalidArgument(format!(
+        "volume_context: a stacked volume needs {CONTEXT_PREFIX}backingPV (set by CreateVolume) or backingClaim"
+    )))
 }
 
 /// A path the driver will create or mount on, checked (see `mounts::check_path`).

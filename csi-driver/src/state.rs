@@ -1,7 +1,7 @@
 //! Persisted state: what the controller created and what the node staged and published.
 //!
 //! One JSON file per volume and role under `--state-dir` (`controller/<id>.json`,
-//! `node/<id>.json`). Promises: a record is either the old or the new version, never a torn
+//! `node/<id>.json`, and `lower/<id>.json` for the volume under a `pvc`-backed one). Promises: a record is either the old or the new version, never a torn
 //! one (written to a temporary file, fsynced, renamed, directory fsynced); a missing record means
 //! "never created" or "fully removed"; callers hold the volume's lock while reading and writing.
 
@@ -24,8 +24,29 @@ pub struct ControllerRecord {
     pub capacity_bytes: i64,
     /// Parameters as given (validated), to tell an identical retry from a conflicting one.
     pub parameters: BTreeMap<String, String>,
-    /// The node that holds the data.
+    /// The node that holds the data (`dir` backend).
     pub node_id: String,
+    /// `pvc` backend: the backing claim (namespace, name) this volume created and owns.
+    #[serde(default)]
+    pub backing_claim: Option<(String, String)>,
+}
+
+/// The volume under a `pvc`-backed volume, as this node set it up through the lower driver.
+/// Saved before the first step, so a restart in the middle finds what to finish or undo.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LowerRecord {
+    pub id: String,
+    /// The backing PersistentVolume.
+    pub pv: String,
+    /// The lower CSI driver and its volume handle.
+    pub driver: String,
+    pub handle: String,
+    /// Our VolumeAttachment, when the lower driver requires attach.
+    pub attachment: Option<String>,
+    /// Lower NodeStage path, when the lower driver stages.
+    pub staging_path: Option<PathBuf>,
+    /// Lower NodePublish target: the directory the interposer serves.
+    pub target_path: PathBuf,
 }
 
 /// One bind mount of a staged volume.
@@ -59,6 +80,15 @@ pub struct NodeRecord {
     /// The pod that last published the volume (podInfoOnMount), for span attributes.
     #[serde(default)]
     pub pod: Option<(String, String)>,
+    /// The claim (namespace, name) whose annotations tune this volume live, if known.
+    #[serde(default)]
+    pub claim: Option<(String, String)>,
+    /// Volume parameters from the StorageClass (or PV), before any tuning.
+    #[serde(default)]
+    pub contract: BTreeMap<String, String>,
+    /// Parameters changed live by the claim's annotations (key → value in force).
+    #[serde(default)]
+    pub tuning: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -68,7 +98,7 @@ pub struct StateDir {
 
 impl StateDir {
     pub fn open(root: &Path) -> DriverResult<StateDir> {
-        for sub in ["controller", "node", "logs"] {
+        for sub in ["controller", "node", "lower", "logs"] {
             fs::create_dir_all(root.join(sub)).map_err(|e| {
                 DriverError::internal(format!("creating {}", root.join(sub).display()), e)
             })?;
@@ -174,6 +204,16 @@ impl StateDir {
     pub fn nodes(&self) -> DriverResult<Vec<NodeRecord>> {
         self.list("node")
     }
+
+    pub fn lower(&self, id: &VolumeId) -> DriverResult<Option<LowerRecord>> {
+        self.load("lower", id)
+    }
+    pub fn save_lower(&self, r: &LowerRecord) -> DriverResult<()> {
+        self.save("lower", &VolumeId::parse(&r.id, "id")?, r)
+    }
+    pub fn remove_lower(&self, id: &VolumeId) -> DriverResult<()> {
+        self.remove("lower", id)
+    }
 }
 
 /// Write `bytes` to `path` so a crash leaves either the old or the new content.
@@ -214,6 +254,7 @@ mod tests {
             capacity_bytes: 42,
             parameters: BTreeMap::from([("layers".into(), "trace".into())]),
             node_id: "n1".into(),
+            backing_claim: None,
         };
         s.save_controller(&r).unwrap();
         assert_eq!(s.controller(&id).unwrap(), Some(r.clone()));
