@@ -112,8 +112,7 @@ _k8s_tails() {
 
 # _k8s_fail MESSAGE: print the logs' tails, stop everything, fail.
 _k8s_fail() {
-  _k8s_tails
-  k8s_down
+  k8s_down 1
   die "k8s: $1"
 }
 
@@ -165,7 +164,8 @@ k8s_up() {
 
   # kube-apiserver: TLS on loopback only (no insecure port exists any more), client certificates
   # and service-account tokens, Node + RBAC authorization, the default admission plugins.
-  # --allow-privileged: the node plugin's DaemonSet runs privileged containers.
+  # --allow-privileged: the node plugin's DaemonSet runs privileged containers. No endpoints for
+  # the `kubernetes` service: a loopback address is not a valid endpoint, and no pod runs here.
   local pki=$K8S_DIR/pki
   _k8s_start kube-apiserver "$KUBE_APISERVER_BIN" \
     --etcd-servers "http://127.0.0.1:$etcd_port" \
@@ -177,6 +177,7 @@ k8s_up() {
     --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
     --service-cluster-ip-range 10.0.0.0/24 \
     --allow-privileged=true \
+    --endpoint-reconciler-type none \
     --cert-dir "$K8S_DIR/kube-apiserver" --profiling=false
   _k8s_kubeconfig "$K8S_DIR/kubeconfig" admin
   _k8s_kubeconfig "$K8S_DIR/kube-controller-manager.kubeconfig" kube-controller-manager
@@ -188,6 +189,7 @@ k8s_up() {
   _k8s_start kube-controller-manager "$KUBE_CONTROLLER_MANAGER_BIN" \
     --kubeconfig "$kcm_kubeconfig" \
     --authentication-kubeconfig "$kcm_kubeconfig" --authorization-kubeconfig "$kcm_kubeconfig" \
+    --authentication-skip-lookup \
     --bind-address 127.0.0.1 --secure-port "$kcm_port" --cert-dir "$K8S_DIR/kube-controller-manager" \
     --leader-elect=false --use-service-account-credentials=true \
     --root-ca-file "$pki/ca.crt" --service-cluster-ip-range 10.0.0.0/24 \
@@ -208,7 +210,6 @@ k8s_up() {
 # k8s_down [STATUS]: stop what k8s_up started and remove its directory; see the top.
 k8s_down() {
   local status=${1:-0} i pid
-  [ "$status" = 0 ] || _k8s_tails
   # One at a time in reverse order, etcd last: etcd stops gracefully only once the API server's
   # watches are gone (stopped together, both wait out the grace period).
   for ((i = ${#_K8S_PIDS[@]} - 1; i >= 0; i--)); do
@@ -218,6 +219,8 @@ k8s_down() {
     kill -KILL "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
+  # The logs' tails only now: printing can fail (a closed pipe), stopping must not.
+  [ "$status" = 0 ] || _k8s_tails
   _K8S_PIDS=()
   _K8S_NAMES=()
   if [ -n "$K8S_DIR" ]; then
