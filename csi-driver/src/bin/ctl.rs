@@ -1,7 +1,8 @@
 //! `csi-interposer-ctl`: drive a CSI endpoint by hand, as external-provisioner and kubelet would.
 //!
 //! `up` provisions a volume and mounts it (CreateVolume, NodeStageVolume, NodePublishVolume);
-//! `down` undoes that; `stats` asks NodeGetVolumeStats and NodeGetVolumeHealth. Useful for
+//! `down` undoes that; `create`/`delete` and `mount`/`unmount` are the halves, for volumes that
+//! external-provisioner made; `stats` asks NodeGetVolumeStats and NodeGetVolumeHealth. Useful for
 //! demos and for poking a node plugin without a cluster.
 
 use std::collections::HashMap;
@@ -34,20 +35,10 @@ struct Cli {
 enum Cmd {
     /// CreateVolume + NodeStageVolume + NodePublishVolume; prints the volume id.
     Up {
-        /// Volume name (as external-provisioner would send: pvc-<uid>).
-        name: String,
-        /// Where to stage.
-        #[arg(long)]
-        staging: PathBuf,
-        /// Where to publish (the pod's mount).
-        #[arg(long)]
-        target: PathBuf,
-        /// Size in bytes.
-        #[arg(long, default_value_t = 1 << 30)]
-        capacity: i64,
-        /// A StorageClass parameter, key=value (repeat).
-        #[arg(short = 'p', long = "param", value_name = "KEY=VALUE")]
-        params: Vec<String>,
+        #[command(flatten)]
+        create: CreateArgs,
+        #[command(flatten)]
+        paths: Paths,
         /// The pod the volume is published for, as kubelet's podInfoOnMount says it.
         #[arg(long, value_name = "NAMESPACE/NAME")]
         pod: Option<String>,
@@ -55,13 +46,68 @@ enum Cmd {
     /// NodeUnpublishVolume + NodeUnstageVolume + DeleteVolume.
     Down {
         volume_id: String,
-        #[arg(long)]
-        staging: PathBuf,
-        #[arg(long)]
-        target: PathBuf,
+        #[command(flatten)]
+        paths: Paths,
+    },
+    /// CreateVolume only; prints the volume id, then its context as KEY=VALUE lines.
+    Create {
+        #[command(flatten)]
+        create: CreateArgs,
+    },
+    /// DeleteVolume only.
+    Delete { volume_id: String },
+    /// NodeStageVolume + NodePublishVolume of an existing volume (a PV's volumeHandle and
+    /// volumeAttributes), as kubelet does for a pod.
+    Mount {
+        volume_id: String,
+        #[command(flatten)]
+        paths: Paths,
+        /// A volume context entry, key=value (repeat).
+        #[arg(short = 'c', long = "context", value_name = "KEY=VALUE")]
+        context: Vec<String>,
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        pod: Option<String>,
+    },
+    /// NodeUnpublishVolume + NodeUnstageVolume.
+    Unmount {
+        volume_id: String,
+        #[command(flatten)]
+        paths: Paths,
     },
     /// NodeGetVolumeStats and NodeGetVolumeHealth for a mounted volume.
     Stats { volume_id: String, path: PathBuf },
+}
+
+#[derive(clap::Args)]
+struct CreateArgs {
+    /// Volume name (as external-provisioner would send: pvc-<uid>).
+    name: String,
+    /// Size in bytes.
+    #[arg(long, default_value_t = 1 << 30)]
+    capacity: i64,
+    /// A StorageClass parameter, key=value (repeat).
+    #[arg(short = 'p', long = "param", value_name = "KEY=VALUE")]
+    params: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct Paths {
+    /// Where to stage.
+    #[arg(long)]
+    staging: PathBuf,
+    /// Where to publish (the pod's mount).
+    #[arg(long)]
+    target: PathBuf,
+}
+
+fn key_values(pairs: &[String], flag: &str) -> anyhow::Result<HashMap<String, String>> {
+    pairs
+        .iter()
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => Ok((k.to_string(), v.to_string())),
+            None => bail!("{flag} {p:?}: expected KEY=VALUE"),
+        })
+        .collect()
 }
 
 fn cap() -> VolumeCapability {
@@ -79,86 +125,38 @@ async fn main() -> anyhow::Result<()> {
     let ch = csi_driver::client::connect(&cli.endpoint)
         .await
         .with_context(|| format!("connecting to {:?}", cli.endpoint))?;
-    let (mut ctl, mut node) = (ControllerClient::new(ch.clone()), NodeClient::new(ch));
+    let mut ctl = ControllerClient::new(ch.clone());
+    let mut node = NodeClient::new(ch);
     match cli.command {
-        Cmd::Up {
-            name,
-            staging,
-            target,
-            capacity,
-            params,
-            pod,
-        } => {
-            let mut parameters = HashMap::new();
-            for p in params {
-                let Some((k, v)) = p.split_once('=') else {
-                    bail!("--param {p:?}: expected KEY=VALUE")
-                };
-                parameters.insert(k.to_string(), v.to_string());
-            }
-            let v = ctl
-                .create_volume(CreateVolumeRequest {
-                    name,
-                    capacity_range: Some(CapacityRange {
-                        required_bytes: capacity,
-                        limit_bytes: 0,
-                    }),
-                    volume_capabilities: vec![cap()],
-                    parameters,
-                    ..Default::default()
-                })
-                .await?
-                .into_inner()
-                .volume
-                .context("CreateVolume returned no volume")?;
-            node.node_stage_volume(NodeStageVolumeRequest {
-                volume_id: v.volume_id.clone(),
-                staging_target_path: staging.to_string_lossy().into(),
-                volume_capability: Some(cap()),
-                volume_context: v.volume_context.clone(),
-                ..Default::default()
-            })
-            .await?;
-            let mut publish_context = v.volume_context;
-            if let Some(pod) = pod {
-                let Some((ns, name)) = pod.split_once('/') else {
-                    bail!("--pod {pod:?}: expected NAMESPACE/NAME")
-                };
-                publish_context.insert("csi.storage.k8s.io/pod.name".into(), name.into());
-                publish_context.insert("csi.storage.k8s.io/pod.namespace".into(), ns.into());
-            }
-            node.node_publish_volume(NodePublishVolumeRequest {
-                volume_id: v.volume_id.clone(),
-                staging_target_path: staging.to_string_lossy().into(),
-                target_path: target.to_string_lossy().into(),
-                volume_capability: Some(cap()),
-                volume_context: publish_context,
-                ..Default::default()
-            })
-            .await?;
+        Cmd::Up { create, paths, pod } => {
+            let v = create_volume(&mut ctl, create).await?;
+            mount(&mut node, &v.volume_id, &paths, v.volume_context, pod).await?;
             println!("{}", v.volume_id);
         }
-        Cmd::Down {
-            volume_id,
-            staging,
-            target,
-        } => {
-            node.node_unpublish_volume(NodeUnpublishVolumeRequest {
-                volume_id: volume_id.clone(),
-                target_path: target.to_string_lossy().into(),
-            })
-            .await?;
-            node.node_unstage_volume(NodeUnstageVolumeRequest {
-                volume_id: volume_id.clone(),
-                staging_target_path: staging.to_string_lossy().into(),
-            })
-            .await?;
-            ctl.delete_volume(DeleteVolumeRequest {
-                volume_id,
-                secrets: Default::default(),
-            })
-            .await?;
+        Cmd::Down { volume_id, paths } => {
+            unmount(&mut node, &volume_id, &paths).await?;
+            delete_volume(&mut ctl, volume_id).await?;
         }
+        Cmd::Create { create } => {
+            let v = create_volume(&mut ctl, create).await?;
+            println!("{}", v.volume_id);
+            let mut ctx: Vec<_> = v.volume_context.into_iter().collect();
+            ctx.sort();
+            for (k, v) in ctx {
+                println!("{k}={v}");
+            }
+        }
+        Cmd::Delete { volume_id } => delete_volume(&mut ctl, volume_id).await?,
+        Cmd::Mount {
+            volume_id,
+            paths,
+            context,
+            pod,
+        } => {
+            let context = key_values(&context, "--context")?;
+            mount(&mut node, &volume_id, &paths, context, pod).await?;
+        }
+        Cmd::Unmount { volume_id, paths } => unmount(&mut node, &volume_id, &paths).await?,
         Cmd::Stats { volume_id, path } => {
             let s = node
                 .node_get_volume_stats(NodeGetVolumeStatsRequest {
@@ -202,5 +200,83 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+type Ctl = ControllerClient<tonic::transport::Channel>;
+type Node = NodeClient<tonic::transport::Channel>;
+
+async fn create_volume(ctl: &mut Ctl, a: CreateArgs) -> anyhow::Result<Volume> {
+    ctl.create_volume(CreateVolumeRequest {
+        name: a.name,
+        capacity_range: Some(CapacityRange {
+            required_bytes: a.capacity,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap()],
+        parameters: key_values(&a.params, "--param")?,
+        ..Default::default()
+    })
+    .await?
+    .into_inner()
+    .volume
+    .context("CreateVolume returned no volume")
+}
+
+async fn delete_volume(ctl: &mut Ctl, volume_id: String) -> anyhow::Result<()> {
+    ctl.delete_volume(DeleteVolumeRequest {
+        volume_id,
+        secrets: Default::default(),
+    })
+    .await?;
+    Ok(())
+}
+
+async fn mount(
+    node: &mut Node,
+    volume_id: &str,
+    paths: &Paths,
+    context: HashMap<String, String>,
+    pod: Option<String>,
+) -> anyhow::Result<()> {
+    node.node_stage_volume(NodeStageVolumeRequest {
+        volume_id: volume_id.to_string(),
+        staging_target_path: paths.staging.to_string_lossy().into(),
+        volume_capability: Some(cap()),
+        volume_context: context.clone(),
+        ..Default::default()
+    })
+    .await?;
+    let mut publish_context = context;
+    if let Some(pod) = pod {
+        let Some((ns, name)) = pod.split_once('/') else {
+            bail!("--pod {pod:?}: expected NAMESPACE/NAME")
+        };
+        publish_context.insert("csi.storage.k8s.io/pod.name".into(), name.into());
+        publish_context.insert("csi.storage.k8s.io/pod.namespace".into(), ns.into());
+    }
+    node.node_publish_volume(NodePublishVolumeRequest {
+        volume_id: volume_id.to_string(),
+        staging_target_path: paths.staging.to_string_lossy().into(),
+        target_path: paths.target.to_string_lossy().into(),
+        volume_capability: Some(cap()),
+        volume_context: publish_context,
+        ..Default::default()
+    })
+    .await?;
+    Ok(())
+}
+
+async fn unmount(node: &mut Node, volume_id: &str, paths: &Paths) -> anyhow::Result<()> {
+    node.node_unpublish_volume(NodeUnpublishVolumeRequest {
+        volume_id: volume_id.to_string(),
+        target_path: paths.target.to_string_lossy().into(),
+    })
+    .await?;
+    node.node_unstage_volume(NodeUnstageVolumeRequest {
+        volume_id: volume_id.to_string(),
+        staging_target_path: paths.staging.to_string_lossy().into(),
+    })
+    .await?;
     Ok(())
 }
