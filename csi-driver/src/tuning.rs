@@ -87,8 +87,9 @@ fn check(
     }
     let mut merged = rec.contract.clone();
     merged.extend(wanted.clone());
-    VolumeParams::parse(merged.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .map_err(|e| DriverError::InvalidArgument(format!("annotation {ANNOTATION_PREFIX}{e}")))?;
+    VolumeParams::parse(merged.iter().map(|(k, v)| (k.as_str(), v.as_str()))).map_err(|e| {
+        DriverError::InvalidArgument(format!("annotations ({ANNOTATION_PREFIX}*): {e}"))
+    })?;
     let old = effective(rec);
     let keys: std::collections::BTreeSet<&String> = old.keys().chain(merged.keys()).collect();
     Ok(keys

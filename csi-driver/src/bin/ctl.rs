@@ -120,8 +120,21 @@ fn cap() -> VolumeCapability {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+async fn main() -> std::process::ExitCode {
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // A CSI error shows its code by name (scripts match on it), then the message.
+            match e.downcast_ref::<tonic::Status>() {
+                Some(s) => eprintln!("Error: {:?}: {}", s.code(), s.message()),
+                None => eprintln!("Error: {e:#}"),
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let ch = csi_driver::client::connect(&cli.endpoint)
         .await
         .with_context(|| format!("connecting to {:?}", cli.endpoint))?;
