@@ -145,7 +145,7 @@ impl Driver {
             )
         })?;
         let ns = self.config.namespace.clone();
-        let name = format!("interposer-{id}");
+        let name = backing_claim_name(id);
         if self.existing(req, id, s, capacity)?.is_none() {
             self.state.save_controller(&ControllerRecord {
                 id: id.to_string(),
@@ -203,19 +203,32 @@ impl Driver {
                 n.mount_path.display()
             )));
         }
-        if let Some((ns, name)) = self.state.controller(id)?.and_then(|r| r.backing_claim) {
-            self.block_on(async {
+        let record = self.state.controller(id)?;
+        // Another replica or node may have created it: the claim's name and labels, not local
+        // state, say whether a stacked volume exists.
+        let claim = match record.as_ref().map(|r| r.backing_claim.clone()) {
+            Some(claim) => claim,
+            None if k8s::configured() => {
+                Some((self.config.namespace.clone(), backing_claim_name(id)))
+            }
+            None => None,
+        };
+        if let Some((ns, name)) = claim {
+            let found = self.block_on(async {
                 let kube = self.kube().await?;
-                match kube.claim(&ns, &name).await? {
-                    Some(c) if !k8s::is_ours(&c, id.as_str()) => {
+                let claim = kube.claim(&ns, &name).await?;
+                match &claim {
+                    Some(c) if !k8s::is_ours(c, id.as_str()) => {
                         log::warn!("claim {ns}/{name} is not ours for volume {id}: left alone")
                     }
                     Some(_) => kube.delete_claim(&ns, &name).await?,
                     None => {}
                 }
-                Ok::<_, DriverError>(())
+                Ok::<_, DriverError>(claim.is_some())
             })?;
-            return self.state.remove_controller(id);
+            if found || record.is_some() {
+                return self.state.remove_controller(id);
+            }
         }
         let dir = self.backing_dir(id);
         match std::fs::remove_dir_all(&dir) {
@@ -230,6 +243,11 @@ impl Driver {
         }
         self.state.remove_controller(id)
     }
+}
+
+/// The backing claim of a stacked volume: one name per volume, the same from every replica.
+fn backing_claim_name(id: &VolumeId) -> String {
+    format!("interposer-{id}")
 }
 
 /// The capacity to provide for a range: required if given, else the default within the limit.
@@ -280,6 +298,12 @@ impl Controller for ControllerService {
                     .locked(&id, move |d| d.create_stacked_volume(&req2, &id2, &s, capacity))
                     .await?;
                 return Ok(Response::new(CreateVolumeResponse { volume: Some(volume) }));
+            }
+            if self.driver.config.stacked_only {
+                return Err(DriverError::InvalidArgument(
+                    "parameters: this controller provisions stacked volumes only (backend: pvc); a dir volume is created by the provisioner of the node that holds it (chart: controller.enabled=false)".into(),
+                )
+                .into());
             }
             if !self.driver.reachable(req.accessibility_requirements.as_ref()) {
                 return Err(DriverError::ResourceExhausted(format!(
@@ -548,6 +572,11 @@ impl Controller for ControllerService {
                     let mut rec = d.state.controller(&id2)?.ok_or_else(|| {
                         DriverError::NotFound(format!("volume {id2} does not exist"))
                     })?;
+                    if rec.backing_claim.is_some() {
+                        return Err(DriverError::FailedPrecondition(format!(
+                            "volume {id2} is stacked on a backing claim; expanding it is not supported yet"
+                        )));
+                    }
                     let (total, _) = d.data_space()?;
                     if wanted > total {
                         return Err(DriverError::OutOfRange(format!(

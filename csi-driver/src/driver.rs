@@ -58,6 +58,8 @@ pub struct Config {
     /// Where lower volumes are staged and published for us; lower drivers must see it (it
     /// should be under kubelet's directory, which they mount).
     pub lower_dir: PathBuf,
+    /// A central controller (Deployment) that holds no data: it refuses `dir` volumes.
+    pub stacked_only: bool,
 }
 
 /// Per-volume locks: RPCs on one volume run one at a time, on different volumes in parallel.

@@ -55,6 +55,12 @@ fn found<T>(r: std::result::Result<T, kube::Error>) -> Result<Option<T>> {
     }
 }
 
+/// Whether this process has a Kubernetes API to talk to (in a pod, or given KUBECONFIG).
+pub fn configured() -> bool {
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+        || std::env::var_os("KUBECONFIG").is_some()
+}
+
 pub struct Kube {
     client: kube::Client,
     recorder: Recorder,

@@ -61,6 +61,10 @@ struct Cli {
         default_value = "/var/lib/kubelet/plugins/kubernetes.io/csi/interposer.csi.dev-lower"
     )]
     lower_dir: PathBuf,
+    /// Provision stacked (`backend: pvc`) volumes only: for a central controller Deployment,
+    /// which holds no data of its own.
+    #[arg(long)]
+    stacked_only: bool,
     /// OTLP/gRPC collector for the volumes' spans (sets OTEL_EXPORTER_OTLP_ENDPOINT for daemons).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
@@ -98,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
         bind_timeout: std::time::Duration::from_secs(cli.bind_timeout_seconds),
         plugins_dir: cli.plugins_dir,
         lower_dir: cli.lower_dir,
+        stacked_only: cli.stacked_only,
     })
     .map_err(|e| anyhow::anyhow!("{e}"))?;
     if cli.mode != Mode::Controller {
