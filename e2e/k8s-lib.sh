@@ -185,13 +185,15 @@ k8s_up() {
 
   # kube-controller-manager: the controllers that need no nodes, each with its own service
   # account (and so its bootstrap RBAC role), no leader election. Serving on loopback for /healthz.
+  # The PV binder retries a claim whose volume its cache has not seen yet at every sync period:
+  # 1 s instead of 15 s, so a claim made together with its PV binds within a second or two.
   local kcm_kubeconfig=$K8S_DIR/kube-controller-manager.kubeconfig
   _k8s_start kube-controller-manager "$KUBE_CONTROLLER_MANAGER_BIN" \
     --kubeconfig "$kcm_kubeconfig" \
     --authentication-kubeconfig "$kcm_kubeconfig" --authorization-kubeconfig "$kcm_kubeconfig" \
     --authentication-skip-lookup \
     --bind-address 127.0.0.1 --secure-port "$kcm_port" --cert-dir "$K8S_DIR/kube-controller-manager" \
-    --leader-elect=false --use-service-account-credentials=true \
+    --leader-elect=false --use-service-account-credentials=true --pvclaimbinder-sync-period 1s \
     --root-ca-file "$pki/ca.crt" --service-cluster-ip-range 10.0.0.0/24 \
     --controllers persistentvolume-binder-controller,persistentvolume-protection-controller,persistentvolumeclaim-protection-controller,serviceaccount-controller,root-ca-certificate-publisher-controller,namespace-controller,garbage-collector-controller \
     --profiling=false
