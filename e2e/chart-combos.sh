@@ -10,6 +10,7 @@ CHART_COMBOS=(
   "chaos-throttled:--set storageClasses.chaos.enabled=true --set storageClasses.throttled.enabled=true"
   "external-collector:--set jaeger.enabled=false --set tracing.otlpEndpoint=http://otel-collector.monitoring:4317"
   "servicemonitor-no-dashboard:--set metrics.serviceMonitor.enabled=true --set grafana.dashboard.enabled=false"
+  "stacked-central-controller:--set controller.enabled=true --set storageClasses.stacked.enabled=true --set storageClasses.stacked.backingStorageClass=standard"
 )
 
 # chart_render COMBO OUT: helm template for one CHART_COMBOS entry, into OUT.

@@ -5,8 +5,11 @@
   kubelet's plugin directory;
 - only the container that mounts is privileged or uses Bidirectional propagation;
 - every image has an explicit tag;
-- the RBAC rules are exactly external-provisioner's needs, since the driver's code calls no
-  Kubernetes API (checked by searching the code for a Kubernetes client).
+- the RBAC rules are exactly what the programs call: external-provisioner's documented needs
+  (+ leases when it leader-elects), and the driver's rules derived from the `RBAC:` line of each
+  function in csi-driver/src/k8s.rs, the one module that may call the API (checked: no other
+  source file builds an `Api`); namespace-scoped rules are a Role in the release namespace;
+- with controller.enabled: a leader-elected provisioner in the Deployment, none in the nodes.
 """
 import glob
 import os
@@ -46,6 +49,8 @@ for path in sys.argv[1:]:
     reg_path = next(a.split("=", 1)[1] for a in reg["args"] if a.startswith("--kubelet-registration-path="))
     check(reg_path == sock_host, "registrar tells kubelet the driver's socket path")
     for name in ["node-driver-registrar", "liveness-probe", "csi-provisioner"]:
+        if name not in cs:
+            continue
         c = cs[name]
         addr = next(a.split("=", 1)[1] for a in c["args"] if a.startswith("--csi-address="))
         mnt = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "plugin-dir")
@@ -61,20 +66,50 @@ for path in sys.argv[1:]:
     for img in images:
         check(re.search(r":[A-Za-z0-9._-]+$", img.split("/")[-1]) is not None and not img.endswith(":latest"),
               f"image {img} has an explicit tag")
-    # RBAC: exactly the provisioner's rules, since our code calls no Kubernetes API.
-    code = "".join(open(f).read() for f in glob.glob(os.path.join(repo, "*/src/**/*.rs"), recursive=True))
-    cargo = "".join(open(f).read() for f in glob.glob(os.path.join(repo, "*/Cargo.toml")))
-    check(not re.search(r"\bkube\b|k8s-openapi", cargo) and "kube::" not in code,
-          "the driver's code has no Kubernetes client, so it needs no RBAC of its own")
-    role = next(d for d in docs if d["kind"] == "ClusterRole")
-    got = sorted((r["apiGroups"][0], res, v) for r in role["rules"] for res in r["resources"] for v in r["verbs"])
+    deployment = next((d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-controller")), None)
+    if deployment is not None:
+        dcs = {c["name"]: c for c in deployment["spec"]["template"]["spec"]["containers"]}
+        check("csi-provisioner" not in cs, "controller.enabled: the node plugins run no provisioner")
+        check("--leader-election=true" in dcs["csi-provisioner"]["args"], "the controller's provisioner leader-elects")
+        check("--stacked-only" in dcs["csi-interposer"]["args"], "the controller refuses dir volumes (--stacked-only)")
+        for name, c in dcs.items():
+            sc = c.get("securityContext", {})
+            check(not sc.get("privileged", False) and not any("mountPropagation" in m for m in c.get("volumeMounts", [])),
+                  f"controller {name}: not privileged, no mount propagation")
+    else:
+        check("csi-provisioner" in cs, "the node plugins provision (distributed mode)")
+
+    def rules(kind, name_suffix):
+        role = next((d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(name_suffix)), None)
+        if role is None:
+            return None
+        return sorted((g, res, v) for r in role["rules"] for g in r["apiGroups"] for res in r["resources"] for v in r["verbs"])
+
     want = sorted([("", "persistentvolumes", v) for v in ["get", "list", "watch", "create", "patch", "delete"]]
                   + [("", "persistentvolumeclaims", v) for v in ["get", "list", "watch", "update"]]
                   + [("storage.k8s.io", "storageclasses", v) for v in ["get", "list", "watch"]]
                   + [("", "events", v) for v in ["list", "watch", "create", "update", "patch"]]
                   + [("storage.k8s.io", "csinodes", v) for v in ["get", "list", "watch"]]
                   + [("", "nodes", v) for v in ["get", "list", "watch"]])
-    check(got == want, "ClusterRole has exactly external-provisioner's (node-deployment) rules")
+    check(rules("ClusterRole", "-provisioner") == want, "provisioner ClusterRole: exactly external-provisioner's rules")
+    lease = rules("Role", "-leader-election")
+    check((lease is not None) == (deployment is not None), "a leases Role exactly when the provisioner leader-elects")
+    # The driver's rules, derived from the code.
+    k8s_rs = open(os.path.join(repo, "csi-driver/src/k8s.rs")).read()
+    marks = re.findall(r'^\s*/// RBAC: (\S+) (\S+) (\S+) \((cluster|namespace)\)$', k8s_rs, re.M)
+    code = {"cluster": [], "namespace": []}
+    for group, res, verbs, scope in marks:
+        code[scope] += [(group.strip('"'), res, v) for v in verbs.split(",")]
+    fns = re.findall(r"((?:^\s*///.*\n)*)^\s*pub (?:async )?fn (\w+)", k8s_rs.split("impl Kube {", 1)[1].split("\n}\n", 1)[0], re.M)
+    unmarked = [name for doc, name in fns if name != "connect" and "RBAC:" not in doc]
+    check(len(marks) >= 10 and not unmarked, f"every Kube method names its RBAC rule ({len(marks)} marks; unmarked: {unmarked})")
+    others = [f for f in glob.glob(os.path.join(repo, "*/src/**/*.rs"), recursive=True)
+              if not f.endswith("csi-driver/src/k8s.rs") and re.search(r"\bApi::|kube::Client\b|kube::api\b", open(f).read())]
+    check(not others, f"no other module calls the Kubernetes API ({others})")
+    check(rules("ClusterRole", "-driver") == sorted(code["cluster"]),
+          f"driver ClusterRole equals the code's cluster-wide calls ({len(code['cluster'])} rules)")
+    check(rules("Role", "-driver") == sorted(code["namespace"]),
+          f"driver Role (release namespace) equals the code's own-namespace calls ({len(code['namespace'])} rules)")
     csidriver = next(d for d in docs if d["kind"] == "CSIDriver")
     check(csidriver["spec"]["attachRequired"] is False and csidriver["spec"]["podInfoOnMount"] is True,
           "CSIDriver: no attach, podInfoOnMount")

@@ -23,6 +23,7 @@ crd="$po_dir/example/prometheus-operator-crd/monitoring.coreos.com_servicemonito
 
 k8s_up "$work/k8s"
 kubectl create namespace csi-interposer >/dev/null
+kubectl create namespace team >/dev/null # deploy/examples/pv-wrap-existing-claim.yaml's
 # create, not apply: the CRD is larger than apply's last-applied annotation may be.
 kubectl create -f "$crd" >/dev/null
 kubectl wait --for condition=Established --timeout 30s crd/servicemonitors.monitoring.coreos.com >/dev/null
