@@ -64,7 +64,7 @@ curl -sf http://127.0.0.1:19090/-/ready >/dev/null || { tail -20 "$work/promethe
 log "provisioning and publishing a volume through the CSI API"
 volume_id=$("$CTL" --endpoint "unix://$work/csi.sock" up pvc-telemetry --staging "$work/staging" --target "$work/target" \
   --capacity $((64 << 20)) --pod team/app-0 \
-  -p layers=trace,metrics,fault,throttle -p fault.ops=unlink -p 'fault.paths=*.doomed' -p fault.probability=1 \
+  -p layers=trace,metrics,fault,throttle -p pageCache=dropOnOpen -p fault.ops=unlink -p 'fault.paths=*.doomed' -p fault.probability=1 \
   -p fault.errno=EACCES -p throttle.writeBytesPerSecond=1Mi -p throttle.burst=0.01 \
   -p csi.storage.k8s.io/pvc/name=data -p csi.storage.k8s.io/pvc/namespace=team)
 

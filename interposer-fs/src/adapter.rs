@@ -30,12 +30,27 @@ use crate::layers::Stack;
 pub struct CacheConfig {
     /// How long the kernel may trust attributes and names without asking again.
     pub ttl: Duration,
+    /// Keep a file's cached pages when it is opened again (FOPEN_KEEP_CACHE); the kernel
+    /// still drops them when it sees the file's size or mtime change (FUSE_AUTO_INVAL_DATA).
+    pub keep_pages: bool,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
             ttl: Duration::from_secs(1),
+            keep_pages: true,
+        }
+    }
+}
+
+impl CacheConfig {
+    /// Flags for an open or create reply.
+    fn open_flags(&self) -> FopenFlags {
+        if self.keep_pages {
+            FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
         }
     }
 }
@@ -278,6 +293,8 @@ impl Interposer {
 impl Filesystem for Interposer {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        // Kept pages are dropped when a refreshed size or mtime differs from the cached one.
+        let _ = config.add_capabilities(InitFlags::FUSE_AUTO_INVAL_DATA);
         // We kill set-user-ID/set-group-ID bits and file capabilities ourselves (see
         // `Passthrough::write`); without this the kernel asks for `security.capability` before
         // every single write, which halves small-write throughput.
@@ -498,7 +515,7 @@ impl Filesystem for Interposer {
                         return;
                     }
                 }
-                reply.opened(FileHandle(fh), FopenFlags::empty())
+                reply.opened(FileHandle(fh), self.cache.open_flags())
             }
             Err(e) => reply.error(errno(e)),
         }
@@ -770,7 +787,7 @@ impl Filesystem for Interposer {
                     &attr,
                     Generation(0),
                     FileHandle(fh),
-                    FopenFlags::empty(),
+                    self.cache.open_flags(),
                 )
             }
             Err(e) => reply.error(errno(e)),

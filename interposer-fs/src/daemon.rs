@@ -205,7 +205,10 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
     let fs = Interposer::new(
         passthrough.clone(),
         Stack::new(layers),
-        CacheConfig { ttl: c.cache_ttl },
+        CacheConfig {
+            ttl: c.cache_ttl,
+            keep_pages: p.page_cache == crate::params::PageCache::Keep,
+        },
         c.kernel_passthrough,
         p.has_layer(LayerKind::Fault)
             && p.fault.ops.contains(crate::fs::op::Op::Flush)

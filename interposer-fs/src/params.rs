@@ -75,6 +75,18 @@ pub enum Backend {
     Pvc,
 }
 
+/// What the kernel does with a file's cached pages when the file is opened again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PageCache {
+    /// Keep them, as a native filesystem does: the volume sees the I/O the disk would see.
+    /// Changes made to SOURCE behind the mount are noticed when attributes are refreshed.
+    #[default]
+    Keep,
+    /// Drop them at every open, so every read of a newly opened file reaches the layers
+    /// (each read traced, counted, open to faults) at the cost of re-reading cached data.
+    DropOnOpen,
+}
+
 /// `trace.*` settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TraceParams {
@@ -156,6 +168,7 @@ pub struct VolumeParams {
     pub backing_storage_class: Option<String>,
     /// `(namespace, name)` of an existing PVC to wrap.
     pub backing_claim: Option<(String, String)>,
+    pub page_cache: PageCache,
     pub trace: TraceParams,
     pub fault: FaultParams,
     pub throttle: ThrottleParams,
@@ -168,6 +181,7 @@ impl Default for VolumeParams {
             backend: Backend::Dir,
             backing_storage_class: None,
             backing_claim: None,
+            page_cache: PageCache::Keep,
             trace: TraceParams::default(),
             fault: FaultParams::default(),
             throttle: ThrottleParams {
@@ -192,6 +206,10 @@ pub const KEYS: &[(&str, &str)] = &[
     (
         "backingClaim",
         "namespace/name of an existing PVC to wrap (static volumes)",
+    ),
+    (
+        "pageCache",
+        "keep (cached pages survive reopening, as natively) or dropOnOpen (every read after an open reaches the layers) (default keep)",
     ),
     ("trace.sampleRatio", "number in 0..1 (default 1)"),
     (
@@ -293,6 +311,13 @@ impl VolumeParams {
                             p.backing_claim = Some((ns.to_string(), name.to_string()))
                         }
                         None => return Err(ParamError::bad(key, value, "namespace/name")),
+                    }
+                }
+                "pageCache" => {
+                    p.page_cache = match v {
+                        "keep" => PageCache::Keep,
+                        "dropOnOpen" => PageCache::DropOnOpen,
+                        _ => return Err(ParamError::bad(key, value, "keep or dropOnOpen")),
                     }
                 }
                 "trace.sampleRatio" => p.trace.sample_ratio = parse_ratio(key, v)?,
@@ -594,6 +619,7 @@ mod tests {
         assert_eq!(p.fault.probability, 0.0);
         assert_eq!(p.throttle.burst, 1.0);
         assert!(p.throttle.is_unlimited());
+        assert_eq!(p.page_cache, PageCache::Keep);
         assert!(p.trace.file_spans);
     }
 
@@ -615,8 +641,10 @@ mod tests {
             ("throttle.readIOPS", "100"),
             ("throttle.writeIOPS", "50"),
             ("throttle.burst", "0.5"),
+            ("pageCache", "dropOnOpen"),
         ])
         .unwrap();
+        assert_eq!(p.page_cache, PageCache::DropOnOpen);
         assert_eq!(p.layers[0], LayerKind::Throttle);
         assert_eq!(p.trace.sample_ratio, 0.25);
         assert!(p.trace.ops.contains(Op::Read) && !p.trace.ops.contains(Op::Open));
@@ -639,6 +667,7 @@ mod tests {
             ("layers", "trace,trace"),
             ("backend", "nfs"),
             ("backingClaim", "no-slash"),
+            ("pageCache", "sometimes"),
             ("backingClaim", "NS/x"),
             ("backingStorageClass", "Bad_Name"),
             ("trace.sampleRatio", "1.5"),

@@ -118,6 +118,8 @@ fn throttle_at_20_mib_per_second_writes_at_that_rate() {
 fn metrics_counters_equal_the_operations_performed() {
     let v = Volume::start(&[
         "layers=metrics",
+        // Every read after an open is counted (none served from kept pages).
+        "pageCache=dropOnOpen",
         "metrics.address=127.0.0.1:0",
         "volumeId=vol-7",
         "pvcName=data",
@@ -292,6 +294,8 @@ fn spans_reach_an_otlp_receiver_with_paths_callers_sessions_and_faults() {
     let v = Volume::start_with_env(
         &[
             "layers=trace,metrics,fault",
+            // Every read reaches the layers, so the re-reads below are spans too.
+            "pageCache=dropOnOpen",
             "fault.ops=unlink",
             "fault.paths=*.doomed",
             "fault.probability=1",
@@ -427,7 +431,13 @@ fn io_keeps_working_when_no_collector_listens() {
 fn faults_switch_on_and_off_on_a_running_volume_through_the_control_file() {
     let control = tempfile::NamedTempFile::new().unwrap();
     let ctl = format!("control={}", control.path().display());
-    let v = Volume::start(&["layers=fault,throttle", "fault.ops=read", &ctl]);
+    // dropOnOpen: every read after an open reaches the layers (not the kernel's page cache).
+    let v = Volume::start(&[
+        "layers=fault,throttle",
+        "fault.ops=read",
+        "pageCache=dropOnOpen",
+        &ctl,
+    ]);
     fs::write(v.path("f"), b"data").unwrap();
     // Each open drops the kernel's cached pages, so every read reaches the daemon.
     let read = || fs::read(v.path("f"));

@@ -343,6 +343,7 @@ fn sigterm_unmounts_cleanly_and_exits_zero() {
         "layers=trace,metrics,fault,throttle",
         "fault.delay=30s",
         "fault.ops=read",
+        "pageCache=dropOnOpen",
     ]);
     fs::write(v.path("f"), b"data").unwrap();
     // A reader stuck in a 30 s injected delay must not hold up the unmount.
