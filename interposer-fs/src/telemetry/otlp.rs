@@ -89,8 +89,11 @@ pub fn tracer_provider(
             .map_err(|source| OtlpError::Exporter { endpoint, source })?
     };
     let exporter = RuntimeExporter { inner, runtime };
+    // The queue's slots are allocated and touched up front (~400 bytes each): 16,384 of them
+    // hold a third of a second at 50,000 operations/s and keep an idle daemon small; a full
+    // queue drops spans, never I/O.
     let batch = BatchConfigBuilder::default()
-        .with_max_queue_size(65_536)
+        .with_max_queue_size(16_384)
         .with_max_export_batch_size(2048)
         .with_scheduled_delay(Duration::from_millis(500))
         .build();
