@@ -5,7 +5,8 @@ each with its own external-provisioner. Plays kubelet with csi-interposer-ctl mo
 
 Scenarios, in order:
 1. a claim of the `stacked` class is provisioned through both provisioners: our CreateVolume
-   makes a labelled backing claim of the `lower` class and waits for it to bind;
+   makes a labelled backing claim of the `lower` class and waits for it to bind (and, for a
+   WaitForFirstConsumer backing class, provisions it for the node as the scheduler would);
 2. data written through our published mount is found in the lower volume's directory;
 3. live tuning: a reader sees faults within 5 s of annotating the claim and none within 5 s of
    removing the annotation; an invalid value changes nothing and posts a Warning Event;
@@ -294,6 +295,26 @@ volumeBindingMode: Immediate
         check(False, f"6. DeleteVolume removes the claim that never bound: {e}")
 
 
+def scenario_wait_for_first_consumer():
+    kubectl("apply", "-f", "-", input="""apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: lower-wfc}
+provisioner: lower.csi.dev
+parameters: {layers: ""}
+volumeBindingMode: WaitForFirstConsumer
+""")
+    r = ctl("create", "wfc-1", "--capacity", str(64 << 20), "-p", "backend=pvc", "-p", "backingStorageClass=lower-wfc")
+    vid = volume_id_of("wfc-1")
+    claims = get("pvc", ns="csi-interposer", selector=f"{PREFIX}volume={vid}")["items"]
+    ok = r.returncode == 0 and len(claims) == 1
+    check(ok and claims[0]["status"]["phase"] == "Bound"
+          and claims[0]["metadata"].get("annotations", {}).get("volume.kubernetes.io/selected-node") == "node-a",
+          f"1. a WaitForFirstConsumer backing class binds: the claim is provisioned for this node ({r.stderr.strip()[-120:]!r})")
+    ctl_ok("delete", vid)
+    wait("the WaitForFirstConsumer claim to go", 30,
+         lambda: not get("pvc", ns="csi-interposer", selector=f"{PREFIX}volume={vid}")["items"])
+
+
 def scenario_restart_mid_stage():
     sock = f"{WORK}/crashy.sock"
     endpoint = f"unix://{sock}"
@@ -356,6 +377,7 @@ def main():
         scenario_static_wrap()
         scenario_missing_socket()
         scenario_never_binds()
+        scenario_wait_for_first_consumer()
         scenario_restart_mid_stage()
         scenario_teardown(vid)
     except Exception as e:  # a step that could not even run is a failure, reported as such

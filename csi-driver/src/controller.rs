@@ -50,6 +50,15 @@ impl Driver {
         req.preferred.is_empty() || req.preferred.iter().any(ours)
     }
 
+    /// The node a volume is wanted on: the first preferred (else requisite) topology naming a
+    /// node, else this one.
+    fn wanted_node(&self, req: Option<&TopologyRequirement>) -> String {
+        req.into_iter()
+            .flat_map(|r| r.preferred.iter().chain(r.requisite.iter()))
+            .find_map(|t| t.segments.get(TOPOLOGY_KEY).cloned())
+            .unwrap_or_else(|| self.config.node_id.clone())
+    }
+
     /// Bytes on the data directory's filesystem: (total, available).
     fn data_space(&self) -> DriverResult<(i64, i64)> {
         let s = nix::sys::statvfs::statvfs(&self.config.data_dir)
@@ -65,17 +74,7 @@ impl Driver {
         s: &VolumeSettings,
         capacity: i64,
     ) -> DriverResult<Volume> {
-        let volume = |capacity: i64| Volume {
-            capacity_bytes: capacity,
-            volume_id: id.to_string(),
-            volume_context: {
-                let mut ctx = context::volume_context(s);
-                ctx.insert(format!("{CONTEXT_PREFIX}capacity"), capacity.to_string());
-                ctx
-            },
-            content_source: None,
-            accessible_topology: vec![self.topology()],
-        };
+        let volume = |capacity: i64| volume(id, s, capacity, vec![self.topology()]);
         if let Some(existing) = self.existing(req, id, s, capacity)? {
             return Ok(volume(existing.capacity_bytes));
         }
@@ -158,7 +157,21 @@ impl Driver {
         }
         let pv = self.block_on(async {
             let kube = self.kube().await?;
-            let spec = k8s::claim_spec(&ns, &name, &class, capacity, "ReadWriteOnce", id.as_str());
+            let wait_for_consumer = kube
+                .storage_class(&class)
+                .await?
+                .ok_or_else(|| {
+                    DriverError::InvalidArgument(format!(
+                        "parameter \"backingStorageClass\": StorageClass {class} does not exist"
+                    ))
+                })?
+                .volume_binding_mode
+                .as_deref()
+                == Some("WaitForFirstConsumer");
+            // No pod will ever consume the backing claim: choose its node as the scheduler
+            // would, the node this volume is wanted on.
+            let node = wait_for_consumer.then(|| self.wanted_node(req.accessibility_requirements.as_ref()));
+            let spec = k8s::claim_spec(&ns, &name, &class, capacity, id.as_str(), node.as_deref());
             let claim = kube.create_claim(&spec).await?;
             if !k8s::is_ours(&claim, id.as_str()) {
                 return Err(DriverError::AlreadyExists(format!(
@@ -183,17 +196,10 @@ impl Driver {
                 tokio::time::sleep(std::time::Duration::from_millis(250)).await;
             }
         })?;
-        let mut volume_settings = s.clone();
-        volume_settings.backing_pv = Some(pv);
-        let mut ctx = context::volume_context(&volume_settings);
-        ctx.insert(format!("{CONTEXT_PREFIX}capacity"), capacity.to_string());
-        Ok(Volume {
-            capacity_bytes: capacity,
-            volume_id: id.to_string(),
-            volume_context: ctx,
-            content_source: None,
-            accessible_topology: Vec::new(),
-        })
+        let mut s = s.clone();
+        s.backing_pv = Some(pv);
+        // Not pinned to a node: the backing claim's own class decides where the data can go.
+        Ok(volume(id, &s, capacity, Vec::new()))
     }
 
     fn delete_volume(&self, id: &VolumeId) -> DriverResult<()> {
@@ -242,6 +248,20 @@ impl Driver {
             }
         }
         self.state.remove_controller(id)
+    }
+}
+
+/// The volume CreateVolume answers: its context carries the contract, what NodeStage needs to
+/// know, and the size.
+fn volume(id: &VolumeId, s: &VolumeSettings, capacity: i64, topology: Vec<Topology>) -> Volume {
+    let mut ctx = context::volume_context(s);
+    ctx.insert(format!("{CONTEXT_PREFIX}capacity"), capacity.to_string());
+    Volume {
+        capacity_bytes: capacity,
+        volume_id: id.to_string(),
+        volume_context: ctx,
+        content_source: None,
+        accessible_topology: topology,
     }
 }
 

@@ -2,8 +2,10 @@
 //!
 //! The `pvc` backend needs claims, volumes, CSIDriver objects, secrets and VolumeAttachments;
 //! live tuning needs to watch claims and post Events. Each function makes one kind of call and
-//! carries an `RBAC:` line naming the rule it needs: `e2e/chart_check.py` derives the chart's
-//! rules from those lines, so the chart grants exactly what the code calls.
+//! carries an `RBAC: <apiGroup> <resource> <verbs> (<scope>)` line naming the rule it needs;
+//! scope `namespace` is the driver's own namespace (backing claims live there), `cluster` is
+//! everywhere. `e2e/chart_check.py` derives the chart's rules from those lines and checks that
+//! no other module calls the API, so the chart grants exactly what the code calls.
 
 use std::collections::BTreeMap;
 
@@ -13,7 +15,7 @@ use k8s_openapi::api::core::v1::{
     VolumeResourceRequirements,
 };
 use k8s_openapi::api::storage::v1::{
-    CSIDriver, VolumeAttachment, VolumeAttachmentSource, VolumeAttachmentSpec,
+    CSIDriver, StorageClass, VolumeAttachment, VolumeAttachmentSource, VolumeAttachmentSpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
@@ -82,7 +84,7 @@ impl Kube {
         Ok(Kube { client, recorder })
     }
 
-    /// RBAC: "" persistentvolumeclaims create
+    /// RBAC: "" persistentvolumeclaims create (namespace)
     ///
     /// Create a claim; an existing one of that name is returned as it is.
     pub async fn create_claim(
@@ -103,13 +105,13 @@ impl Kube {
         }
     }
 
-    /// RBAC: "" persistentvolumeclaims get
+    /// RBAC: "" persistentvolumeclaims get (cluster)
     pub async fn claim(&self, ns: &str, name: &str) -> Result<Option<PersistentVolumeClaim>> {
         let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), ns);
         found(api.get(name).await)
     }
 
-    /// RBAC: "" persistentvolumeclaims delete
+    /// RBAC: "" persistentvolumeclaims delete (namespace)
     ///
     /// Deleting a claim that is gone succeeds.
     pub async fn delete_claim(&self, ns: &str, name: &str) -> Result<()> {
@@ -117,7 +119,7 @@ impl Kube {
         found(api.delete(name, &DeleteParams::background()).await).map(|_| ())
     }
 
-    /// RBAC: "" persistentvolumeclaims list,watch
+    /// RBAC: "" persistentvolumeclaims list,watch (cluster)
     ///
     /// The one claim `ns/name`, as it changes (watched, re-listed after any interruption).
     pub fn watch_claim(
@@ -135,13 +137,13 @@ impl Kube {
         )
     }
 
-    /// RBAC: "" persistentvolumes get
+    /// RBAC: "" persistentvolumes get (cluster)
     pub async fn volume(&self, name: &str) -> Result<Option<PersistentVolume>> {
         let api: Api<PersistentVolume> = Api::all(self.client.clone());
         found(api.get(name).await)
     }
 
-    /// RBAC: "" secrets get
+    /// RBAC: "" secrets get (cluster)
     ///
     /// A secret's data as strings (what CSI calls carry).
     pub async fn secret(&self, ns: &str, name: &str) -> Result<Option<BTreeMap<String, String>>> {
@@ -155,13 +157,19 @@ impl Kube {
         }))
     }
 
-    /// RBAC: storage.k8s.io csidrivers get
+    /// RBAC: storage.k8s.io storageclasses get (cluster)
+    pub async fn storage_class(&self, name: &str) -> Result<Option<StorageClass>> {
+        let api: Api<StorageClass> = Api::all(self.client.clone());
+        found(api.get(name).await)
+    }
+
+    /// RBAC: storage.k8s.io csidrivers get (cluster)
     pub async fn csi_driver(&self, name: &str) -> Result<Option<CSIDriver>> {
         let api: Api<CSIDriver> = Api::all(self.client.clone());
         found(api.get(name).await)
     }
 
-    /// RBAC: storage.k8s.io volumeattachments create
+    /// RBAC: storage.k8s.io volumeattachments create (cluster)
     pub async fn create_attachment(
         &self,
         name: &str,
@@ -195,19 +203,19 @@ impl Kube {
         }
     }
 
-    /// RBAC: storage.k8s.io volumeattachments get
+    /// RBAC: storage.k8s.io volumeattachments get (cluster)
     pub async fn attachment(&self, name: &str) -> Result<Option<VolumeAttachment>> {
         let api: Api<VolumeAttachment> = Api::all(self.client.clone());
         found(api.get(name).await)
     }
 
-    /// RBAC: storage.k8s.io volumeattachments delete
+    /// RBAC: storage.k8s.io volumeattachments delete (cluster)
     pub async fn delete_attachment(&self, name: &str) -> Result<()> {
         let api: Api<VolumeAttachment> = Api::all(self.client.clone());
         found(api.delete(name, &DeleteParams::background()).await).map(|_| ())
     }
 
-    /// RBAC: events.k8s.io events create,patch
+    /// RBAC: events.k8s.io events create,patch (cluster)
     ///
     /// An Event about `regarding` (repeats of the same one are counted in a series).
     pub async fn event(
@@ -232,14 +240,18 @@ impl Kube {
     }
 }
 
-/// A claim for the driver to create: `size` bytes of `class`, labelled as ours.
+/// The annotation the scheduler puts on a WaitForFirstConsumer claim: the node to provision for.
+pub const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
+
+/// A claim for the driver to create: `size` bytes of `class`, labelled as ours; with
+/// `selected_node`, provisioned for that node (what the scheduler does for a pod's claim).
 pub fn claim_spec(
     ns: &str,
     name: &str,
     class: &str,
     size: i64,
-    access_mode: &str,
     volume_id: &str,
+    selected_node: Option<&str>,
 ) -> PersistentVolumeClaim {
     PersistentVolumeClaim {
         metadata: ObjectMeta {
@@ -249,10 +261,13 @@ pub fn claim_spec(
                 (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
                 (VOLUME_LABEL.to_string(), volume_id.to_string()),
             ])),
+            annotations: selected_node
+                .map(|n| BTreeMap::from([(SELECTED_NODE.to_string(), n.to_string())])),
             ..Default::default()
         },
         spec: Some(PersistentVolumeClaimSpec {
-            access_modes: Some(vec![access_mode.to_string()]),
+            // Mounted once, by this driver's node plugin.
+            access_modes: Some(vec!["ReadWriteOnce".to_string()]),
             storage_class_name: Some(class.to_string()),
             volume_mode: Some("Filesystem".into()),
             resources: Some(VolumeResourceRequirements {
