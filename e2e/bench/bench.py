@@ -10,6 +10,8 @@ Usage: bench.py [--short] [--reps N] [--runtime S] [--json FILE] [--work DIR] [-
   --jaeger  a Jaeger binary to run during the benchmark, so ifs-trace/ifs-all pay for real export
 """
 import argparse
+import glob
+import itertools
 import json
 import os
 import shutil
@@ -158,6 +160,56 @@ def workloads(short, runtime=None):
         return fio(d, "randwrite", ["--rw=randwrite", "--bs=4k", f"--size={rfile}", "--filename=rf",
                                     "--time_based", f"--runtime={t}"])
 
+    def source_tree(d):
+        """Unpack every crate of cargo's download cache (a large real source tree), then scan it
+        cold (grep through every file). Rates in files per second."""
+        crates = sorted(glob.glob(os.path.expanduser("~/.cargo/registry/cache/*/*.crate")))
+        if not crates:
+            raise RuntimeError("no crates in ~/.cargo/registry/cache to unpack (build the workspace first)")
+        if short:
+            crates = crates[:60]
+        tree = os.path.join(d, "tree")
+        os.makedirs(tree)
+        t0 = time.time()
+        # .crate files are gzip'ed tarballs; gzip reads concatenated members as one stream.
+        subprocess.run(f"cat {' '.join(crates)} | gzip -dc | tar -xif - -C {tree}", shell=True, check=True)
+        os.sync()
+        unpack = time.time() - t0
+        files = int(sh(f"find {tree} -type f | wc -l", shell=True).stdout)
+        drop_caches()
+        t0 = time.time()
+        subprocess.run(["grep", "-rc", "fn ", tree], stdout=subprocess.DEVNULL, check=True)
+        scan = time.time() - t0
+        shutil.rmtree(tree)
+        return {"unpacked files/s": files / unpack, "scanned files/s": files / scan}
+
+    def pgbench(d):
+        """PostgreSQL with its data directory on the mount: pgbench's default TPC-B-like
+        transactions, 2 clients, as user postgres."""
+        pg = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+        if not pg:
+            raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql)")
+        bin_ = pg[-1]
+        data = os.path.join(d, "pgdata")
+        sock = tempfile.mkdtemp(prefix="pgsock.")
+        os.makedirs(data)
+        shutil.chown(data, "postgres", "postgres")
+        shutil.chown(sock, "postgres", "postgres")
+        as_pg = ["runuser", "-u", "postgres", "--"]
+        conn = ["-h", sock, "-p", "5499", "-U", "postgres"]
+        try:
+            sh(as_pg + [f"{bin_}/initdb", "-D", data, "-A", "trust", "-U", "postgres"])
+            sh(as_pg + [f"{bin_}/pg_ctl", "-D", data, "-w", "-l", os.path.join(sock, "pg.log"),
+                        "-o", f"-k {sock} -p 5499 -c listen_addresses=''", "start"])
+            sh(as_pg + ["pgbench", *conn, "-i", "-q", "-s", "2" if short else "10", "postgres"])
+            out = sh(as_pg + ["pgbench", *conn, "-c", "2", "-j", "2", "-T", t, "postgres"]).stdout
+            tps = float(next(l for l in out.splitlines() if l.startswith("tps =")).split()[2])
+        finally:
+            subprocess.run(as_pg + [f"{bin_}/pg_ctl", "-D", data, "-m", "fast", "stop"], capture_output=True)
+            shutil.rmtree(data, ignore_errors=True)
+            shutil.rmtree(sock, ignore_errors=True)
+        return {"TPS": tps}
+
     def metadata(d):
         md = os.path.join(d, "meta")
         os.makedirs(md, exist_ok=True)
@@ -176,7 +228,14 @@ def workloads(short, runtime=None):
         (f"create+write 4k ({nfiles} files)", metadata, "create/s"),
         (f"stat ({nfiles} files)", None, "stat/s"),
         (f"unlink ({nfiles} files)", None, "unlink/s"),
+        ("source tree: unpack (cargo's crate cache)", source_tree, "unpacked files/s"),
+        ("source tree: scan cold (grep -r)", None, "scanned files/s"),
+        ("pgbench, data directory on the mount", pgbench, "TPS"),
     ]
+
+
+# Workloads too long to run on every configuration: the ones users compare.
+APP_CONFIGS = {"pgbench, data directory on the mount": ["native", "bindfs", "ifs-none", "ifs-all", "ifs-kpassthrough"]}
 
 
 def rss_kib(pid, field):
@@ -245,14 +304,16 @@ def main():
                 if fn is None:
                     continue
                 for name, _ in CONFIGS:
+                    if name not in APP_CONFIGS.get(title, [name]):
+                        continue
                     print(f"[rep {rep + 1}/{reps}] {title}: {name}", file=sys.stderr, flush=True)
                     r = fn(mounts.paths[name])
-                    if "create/s" in r:
-                        for t2, _, m2 in wl:
-                            if m2 in r:
-                                results.setdefault(t2, {}).setdefault(name, []).append(r[m2])
-                    else:
-                        results.setdefault(title, {}).setdefault(name, []).append(r[metric])
+                    # One run measures its row and the rows without a function after it
+                    # (create, stat, unlink; unpack, scan).
+                    i = next(i for i, w in enumerate(wl) if w[0] == title)
+                    rows = [wl[i]] + list(itertools.takewhile(lambda w: w[1] is None, wl[i + 1:]))
+                    for t2, _, m2 in rows:
+                        results.setdefault(t2, {}).setdefault(name, []).append(r[m2])
         # CPU per GiB moved: a dedicated sequential write+read of 1 GiB (256 MiB short) per config.
         size = 256 if a.short else 1024
         cpu = {}
@@ -308,7 +369,8 @@ def main():
         with open(a.json, "w") as f:
             json.dump(doc, f, indent=2)
         print(f"\nJSON written to {a.json}")
-    missing = [(t, n) for t, row in table.items() for n in names if n not in row]
+    missing = [(t, n) for t, _, _ in workloads(a.short, a.runtime) for n in APP_CONFIGS.get(t, names)
+               if n not in table.get(t, {})]
     if missing:
         print(f"incomplete: {missing}", file=sys.stderr)
         return 1
