@@ -185,6 +185,16 @@ def scenario_provision_and_data():
     lower_file = f"{WORK}/lower/data/{lower_pv['spec']['csi']['volumeHandle']}/hello.txt"
     check(os.path.exists(lower_file) and open(lower_file).read() == "through the stack\n",
           "2. data written through our target is in the lower volume's directory")
+    # A pod goes (unpublish, twice: kubelet retries), the volume stays staged on its lower
+    # volume, and the next pod's publish finds the data.
+    ctl_ok("unmount", "--keep-staged", csi["volumeHandle"], *paths("data"))
+    ctl_ok("unmount", "--keep-staged", csi["volumeHandle"], *paths("data"))
+    lower_target = f"{WORK}/ours/lower/{csi['volumeHandle']}/mount"
+    check(os.path.ismount(lower_target) and not os.path.ismount(target("data")),
+          "2. a repeated NodeUnpublish leaves the staged volume's lower mount alone")
+    ctl_ok("mount", csi["volumeHandle"], *paths("data"), *ctx, "--pod", "team/app")
+    check(open(f"{target('data')}/hello.txt").read() == "through the stack\n",
+          "2. publishing again finds the data")
     return csi["volumeHandle"]
 
 

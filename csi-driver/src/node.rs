@@ -294,9 +294,14 @@ impl Driver {
                 rec.targets.remove(target);
                 self.state.save_node(&rec)?;
             }
-            _ => {
-                // Not ours (or already done): only undo a mount if one is left there, and a
-                // lower volume an interrupted inline publish set up.
+            Some(_) => {
+                // Already unpublished (or never here): only undo a mount if one is left there.
+                // The staged volume, and its lower volume, stay.
+                mounts::unmount_if_mounted(target)?;
+            }
+            None => {
+                // Nothing recorded: undo a mount left there, and the lower volume of an inline
+                // publish cut short before its daemon started.
                 mounts::unmount_if_mounted(target)?;
                 self.lower_down(id)?;
             }

@@ -73,6 +73,10 @@ enum Cmd {
         volume_id: String,
         #[command(flatten)]
         paths: Paths,
+        /// NodeUnpublishVolume only: the volume stays staged (as when a pod goes and another
+        /// on the node still uses it).
+        #[arg(long)]
+        keep_staged: bool,
     },
     /// NodeGetVolumeStats and NodeGetVolumeHealth for a mounted volume.
     Stats { volume_id: String, path: PathBuf },
@@ -147,7 +151,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", v.volume_id);
         }
         Cmd::Down { volume_id, paths } => {
-            unmount(&mut node, &volume_id, &paths).await?;
+            unmount(&mut node, &volume_id, &paths, false).await?;
             delete_volume(&mut ctl, volume_id).await?;
         }
         Cmd::Create { create } => {
@@ -169,7 +173,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let context = key_values(&context, "--context")?;
             mount(&mut node, &volume_id, &paths, context, pod).await?;
         }
-        Cmd::Unmount { volume_id, paths } => unmount(&mut node, &volume_id, &paths).await?,
+        Cmd::Unmount {
+            volume_id,
+            paths,
+            keep_staged,
+        } => unmount(&mut node, &volume_id, &paths, keep_staged).await?,
         Cmd::Stats { volume_id, path } => {
             let s = node
                 .node_get_volume_stats(NodeGetVolumeStatsRequest {
@@ -280,12 +288,20 @@ async fn mount(
     Ok(())
 }
 
-async fn unmount(node: &mut Node, volume_id: &str, paths: &Paths) -> anyhow::Result<()> {
+async fn unmount(
+    node: &mut Node,
+    volume_id: &str,
+    paths: &Paths,
+    keep_staged: bool,
+) -> anyhow::Result<()> {
     node.node_unpublish_volume(NodeUnpublishVolumeRequest {
         volume_id: volume_id.to_string(),
         target_path: paths.target.to_string_lossy().into(),
     })
     .await?;
+    if keep_staged {
+        return Ok(());
+    }
     node.node_unstage_volume(NodeUnstageVolumeRequest {
         volume_id: volume_id.to_string(),
         staging_target_path: paths.staging.to_string_lossy().into(),
