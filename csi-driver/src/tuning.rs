@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use interposer_fs::params::{LayerKind, VolumeParams, is_volume_key};
+use interposer_fs::params::{LayerKind, VolumeParams};
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::runtime::watcher;
 
@@ -63,21 +63,20 @@ fn check(
     rec: &NodeRecord,
     wanted: &BTreeMap<String, String>,
 ) -> DriverResult<Vec<(String, String, String)>> {
+    // One parse of the whole result: unknown keys and bad values are named by the parser.
+    let mut merged = rec.contract.clone();
+    merged.extend(wanted.clone());
+    let params = VolumeParams::parse(merged.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .map_err(|e| {
+            DriverError::InvalidArgument(format!("annotations ({ANNOTATION_PREFIX}*): {e}"))
+        })?;
     for key in wanted.keys() {
-        if !is_volume_key(key) {
-            // The parser names the known keys.
-            VolumeParams::parse([(key.as_str(), "")]).map_err(|e| {
-                DriverError::InvalidArgument(format!("annotation {ANNOTATION_PREFIX}{key}: {e}"))
-            })?;
-        }
         let Some(layer) = layer_of(key) else {
             return Err(DriverError::FailedPrecondition(format!(
                 "annotation {ANNOTATION_PREFIX}{key}: {key} cannot change on a running volume (only fault.* and throttle.* can)"
             )));
         };
-        let params =
-            VolumeParams::parse(rec.contract.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-                .map_err(|e| DriverError::Internal(format!("recorded parameters: {e}")))?;
+        // `layers` itself cannot be tuned, so these are the volume's running layers.
         if !params.has_layer(layer) {
             return Err(DriverError::FailedPrecondition(format!(
                 "annotation {ANNOTATION_PREFIX}{key}: the {} layer is not in this volume's layers; add it to the StorageClass (it costs nothing while it injects nothing)",
@@ -85,11 +84,6 @@ fn check(
             )));
         }
     }
-    let mut merged = rec.contract.clone();
-    merged.extend(wanted.clone());
-    VolumeParams::parse(merged.iter().map(|(k, v)| (k.as_str(), v.as_str()))).map_err(|e| {
-        DriverError::InvalidArgument(format!("annotations ({ANNOTATION_PREFIX}*): {e}"))
-    })?;
     let old = effective(rec);
     let keys: std::collections::BTreeSet<&String> = old.keys().chain(merged.keys()).collect();
     Ok(keys

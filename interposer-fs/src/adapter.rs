@@ -35,15 +35,6 @@ pub struct CacheConfig {
     pub keep_pages: bool,
 }
 
-impl Default for CacheConfig {
-    fn default() -> Self {
-        CacheConfig {
-            ttl: Duration::from_secs(1),
-            keep_pages: true,
-        }
-    }
-}
-
 impl CacheConfig {
     /// Flags for an open or create reply.
     fn open_flags(&self) -> FopenFlags {
