@@ -146,6 +146,12 @@ fn file_type(mode: u32) -> FileType {
 
 /// Kernel attributes for node `ino` from the backing `stat` (fuser uses `attr.ino` as the
 /// node id; see `inodes` for why ids are the backing inode numbers).
+/// A `stat` of all zeroes: the attributes of a negative entry, which the kernel ignores.
+fn zeroed_stat() -> libc::stat {
+    // SAFETY: `stat` is plain integers, for which all zeroes is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
 fn to_attr(ino: u64, st: &libc::stat) -> FileAttr {
     FileAttr {
         ino: INodeNo(ino),
@@ -304,7 +310,21 @@ impl Filesystem for Interposer {
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let resolve = |_: &OpInfo<'_>| (self.fs.inodes().child_path(parent.0, name), None);
         let info = self.info(Op::Lookup, req, parent.0, &resolve);
-        self.reply_entry(self.run(&info, || self.fs.lookup(parent.0, name)), reply);
+        match self.run(&info, || self.fs.lookup(parent.0, name)) {
+            // A negative entry: the kernel remembers the name is absent for the same time it
+            // would remember it present, so tools probing for missing files (shells walking
+            // PATH, interpreters and compilers searching their paths) ask once, not every time.
+            // Creating the name through the mount replaces the kernel's entry at once. An
+            // injected ENOENT is not remembered: a fault hits one operation, not the next ones.
+            Err(e)
+                if e == Errno::ENOENT
+                    && !self.cache.ttl.is_zero()
+                    && info.injected_errno.get().is_none() =>
+            {
+                reply.entry(&self.cache.ttl, &to_attr(0, &zeroed_stat()), Generation(0))
+            }
+            r => self.reply_entry(r, reply),
+        }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {

@@ -33,7 +33,7 @@ pub const DAEMON_KEYS: &[(&str, &str)] = &[
     ),
     (
         "cache.ttl",
-        "how long the kernel may cache names and attributes, e.g. 1s, 0s (default 1s)",
+        "how long the kernel may cache names (also absent ones) and attributes, e.g. 1s, 0s (default 1s)",
     ),
     (
         "allow_other",

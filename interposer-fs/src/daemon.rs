@@ -262,6 +262,15 @@ pub fn run(c: DaemonConfig) -> Result<(), DaemonError> {
         tunable: prepared.tunable,
         control: c.control.clone(),
     };
+    // Not on this thread: the stat inside waits for INIT, which `session.run` answers.
+    let mountpoint = c.mountpoint.clone();
+    let _ = std::thread::Builder::new()
+        .name("readahead".into())
+        .spawn(move || {
+            if let Err(e) = mount::set_readahead(&mountpoint, mount::READAHEAD_KIB) {
+                log::warn!("read-ahead stays at the kernel's default: {e}");
+            }
+        });
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || signals.run())

@@ -52,6 +52,27 @@ pub fn mount(mountpoint: &Path, spec: &MountSpec) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Read-ahead for the mount, in KiB: FUSE's largest request (256 pages). The kernel starts a
+/// FUSE mount at 128 KiB, so sequential reads reach the daemon as 128 KiB requests, each a
+/// round trip; 1 MiB requests read about 1.6 times as fast through the daemon. (Kernel
+/// passthrough reads use the backing file's own read-ahead and are not affected.)
+pub const READAHEAD_KIB: u32 = 1024;
+
+/// Set the read-ahead of the FUSE mount at `mountpoint` to `kib`. Call once the connection is
+/// initialised (the kernel lowers read-ahead to what INIT negotiated): a `stat` of the mount
+/// point waits for that.
+pub fn set_readahead(mountpoint: &Path, kib: u32) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(mountpoint)?.dev();
+    let bdi = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    );
+    std::fs::write(&bdi, format!("{kib}\n"))
+        .map_err(|e| io::Error::new(e.kind(), format!("{bdi}: {e}")))
+}
+
 /// Detach the mount at `mountpoint` (lazy: busy files keep working until closed, and the
 /// daemon's session ends as soon as the kernel lets go).
 pub fn unmount(mountpoint: &Path) -> io::Result<()> {

@@ -115,6 +115,112 @@ fn throttle_at_20_mib_per_second_writes_at_that_rate() {
 }
 
 #[test]
+fn a_sequential_read_reaches_the_daemon_in_one_mib_requests() {
+    use std::os::unix::fs::MetadataExt;
+    let v = Volume::start(&[
+        "layers=metrics",
+        "pageCache=dropOnOpen",
+        "metrics.address=127.0.0.1:0",
+    ]);
+    // Read-ahead is raised on a thread of its own once INIT is answered: wait for it.
+    let dev = fs::metadata(&v.mnt).unwrap().dev();
+    let bdi = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fs::read_to_string(&bdi).unwrap().trim() != "1024" {
+        assert!(Instant::now() < deadline, "{bdi} never became 1024");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let size = 32 << 20;
+    fs::write(v.source_path("big"), vec![9u8; size]).unwrap();
+    assert_eq!(fs::read(v.path("big")).unwrap().len(), size);
+    let m = http_get(&v.metrics_url());
+    let reads: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("interposer_operations_total{") && l.contains(r#"op="read""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    // 32 MiB in 1 MiB requests is 32 (and a short one at the end); at the kernel's default
+    // 128 KiB read-ahead it is 256.
+    assert!(
+        (32.0..=40.0).contains(&reads),
+        "{reads} read requests for 32 MiB"
+    );
+}
+
+/// Lookups counted by the metrics layer, whatever their result.
+fn lookups(v: &Volume) -> f64 {
+    http_get(&v.metrics_url())
+        .lines()
+        .filter(|l| l.starts_with("interposer_operations_total{") && l.contains(r#"op="lookup""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn an_absent_name_is_asked_for_once_and_creating_it_shows_at_once() {
+    let v = Volume::start(&[
+        "layers=metrics",
+        "metrics.address=127.0.0.1:0",
+        "cache.ttl=30s",
+    ]);
+    let before = lookups(&v);
+    for _ in 0..100 {
+        assert!(fs::metadata(v.path("missing")).is_err());
+    }
+    assert_eq!(
+        lookups(&v) - before,
+        1.0,
+        "the kernel remembered the absence"
+    );
+    fs::write(v.path("missing"), b"here").unwrap();
+    assert_eq!(fs::read(v.path("missing")).unwrap(), b"here");
+    assert_eq!(fs::metadata(v.path("missing")).unwrap().len(), 4);
+}
+
+#[test]
+fn an_injected_enoent_is_not_remembered_by_the_kernel() {
+    let control = tempfile::NamedTempFile::new().unwrap();
+    let ctl = format!("control={}", control.path().display());
+    let v = Volume::start(&[
+        "layers=fault",
+        "fault.ops=lookup",
+        "fault.errno=ENOENT",
+        "fault.probability=1",
+        "cache.ttl=30s",
+        &ctl,
+    ]);
+    fs::write(v.source_path("f"), b"data").unwrap();
+    assert_eq!(
+        fs::metadata(v.path("f")).unwrap_err().raw_os_error(),
+        Some(libc::ENOENT)
+    );
+    let before = v.stderr.lock().unwrap().len();
+    fs::write(
+        control.path(),
+        "layers=fault\nfault.ops=lookup\nfault.errno=ENOENT\n",
+    )
+    .unwrap();
+    v.signal(libc::SIGUSR1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !v.stderr.lock().unwrap()[before..].contains("fault settings changed") {
+        assert!(
+            Instant::now() < deadline,
+            "daemon did not apply the control file"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        fs::read(v.path("f")).unwrap(),
+        b"data",
+        "the fault ended, so did the ENOENT"
+    );
+}
+
+#[test]
 fn metrics_counters_equal_the_operations_performed() {
     let v = Volume::start(&[
         "layers=metrics",

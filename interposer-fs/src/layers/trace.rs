@@ -8,10 +8,11 @@
 //! processor's business (see `telemetry::otlp`).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use opentelemetry::trace::{Span, SpanKind, Status, TraceContextExt, Tracer};
-use opentelemetry::{Context, KeyValue};
+use opentelemetry::{Context, KeyValue, StringValue};
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use parking_lot::Mutex;
 
@@ -27,11 +28,14 @@ const SHARDS: usize = 16;
 pub struct LiveAttributes(parking_lot::RwLock<Vec<KeyValue>>);
 
 impl LiveAttributes {
-    /// Set (or replace) `key`.
+    /// Set (or replace) `key`. The value is shared, not copied, by every span that carries it.
     pub fn set(&self, key: &'static str, value: String) {
         let mut attrs = self.0.write();
         attrs.retain(|kv| kv.key.as_str() != key);
-        attrs.push(KeyValue::new(key, value));
+        attrs.push(KeyValue::new(
+            key,
+            StringValue::from(Arc::<str>::from(value)),
+        ));
     }
 }
 
@@ -40,7 +44,8 @@ impl LiveAttributes {
 struct ProcessInfo {
     /// Thread group id: the process id users know.
     pid: u32,
-    name: String,
+    /// Shared by every span of the process.
+    name: Arc<str>,
     read_at: Instant,
 }
 
@@ -53,14 +58,14 @@ pub struct TraceLayer {
     /// thread id → ((tgid, process name), when read). Bounded; refreshed so a reused id is not
     /// misnamed for long.
     comm_cache: Mutex<HashMap<u32, ProcessInfo>>,
-    live: std::sync::Arc<LiveAttributes>,
+    live: Arc<LiveAttributes>,
 }
 
 impl TraceLayer {
     pub fn new(
         provider: &SdkTracerProvider,
         params: &TraceParams,
-        live: std::sync::Arc<LiveAttributes>,
+        live: Arc<LiveAttributes>,
     ) -> Self {
         use opentelemetry::trace::TracerProvider as _;
         TraceLayer {
@@ -98,7 +103,7 @@ impl TraceLayer {
         let tgid = field("Tgid:")?.parse().ok()?;
         let proc = ProcessInfo {
             pid: tgid,
-            name: field("Name:")?,
+            name: field("Name:")?.into(),
             read_at: Instant::now(),
         };
         if cache.len() > 4096 {
@@ -118,7 +123,10 @@ impl TraceLayer {
         match self.process_of(tid) {
             Some(p) => {
                 attrs.push(KeyValue::new("process.pid", p.pid as i64));
-                attrs.push(KeyValue::new("process.executable.name", p.name));
+                attrs.push(KeyValue::new(
+                    "process.executable.name",
+                    StringValue::from(p.name),
+                ));
             }
             None => attrs.push(KeyValue::new("process.pid", tid as i64)),
         }
