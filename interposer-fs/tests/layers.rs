@@ -137,12 +137,7 @@ fn a_sequential_read_reaches_the_daemon_in_one_mib_requests() {
     let size = 32 << 20;
     fs::write(v.source_path("big"), vec![9u8; size]).unwrap();
     assert_eq!(fs::read(v.path("big")).unwrap().len(), size);
-    let m = http_get(&v.metrics_url());
-    let reads: f64 = m
-        .lines()
-        .filter(|l| l.starts_with("interposer_operations_total{") && l.contains(r#"op="read""#))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let reads = operations(&v, "read");
     // 32 MiB in 1 MiB requests is 32 (and a short one at the end); at the kernel's default
     // 128 KiB read-ahead it is 256.
     assert!(
@@ -151,11 +146,12 @@ fn a_sequential_read_reaches_the_daemon_in_one_mib_requests() {
     );
 }
 
-/// Lookups counted by the metrics layer, whatever their result.
-fn lookups(v: &Volume) -> f64 {
+/// Operations `op` counted by the metrics layer, whatever their result.
+fn operations(v: &Volume, op: &str) -> f64 {
+    let label = format!(r#"op="{op}""#);
     http_get(&v.metrics_url())
         .lines()
-        .filter(|l| l.starts_with("interposer_operations_total{") && l.contains(r#"op="lookup""#))
+        .filter(|l| l.starts_with("interposer_operations_total{") && l.contains(&label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -167,12 +163,12 @@ fn an_absent_name_is_asked_for_once_and_creating_it_shows_at_once() {
         "metrics.address=127.0.0.1:0",
         "cache.ttl=30s",
     ]);
-    let before = lookups(&v);
+    let before = operations(&v, "lookup");
     for _ in 0..100 {
         assert!(fs::metadata(v.path("missing")).is_err());
     }
     assert_eq!(
-        lookups(&v) - before,
+        operations(&v, "lookup") - before,
         1.0,
         "the kernel remembered the absence"
     );
