@@ -144,14 +144,14 @@ fn file_type(mode: u32) -> FileType {
     }
 }
 
-/// Kernel attributes for node `ino` from the backing `stat` (fuser uses `attr.ino` as the
-/// node id; see `inodes` for why ids are the backing inode numbers).
 /// A `stat` of all zeroes: the attributes of a negative entry, which the kernel ignores.
 fn zeroed_stat() -> libc::stat {
     // SAFETY: `stat` is plain integers, for which all zeroes is a valid value.
     unsafe { std::mem::zeroed() }
 }
 
+/// Kernel attributes for node `ino` from the backing `stat` (fuser uses `attr.ino` as the
+/// node id; see `inodes` for why ids are the backing inode numbers).
 fn to_attr(ino: u64, st: &libc::stat) -> FileAttr {
     FileAttr {
         ino: INodeNo(ino),

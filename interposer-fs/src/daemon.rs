@@ -264,13 +264,16 @@ pub fn run(c: DaemonConfig) -> Result<(), DaemonError> {
     };
     // Not on this thread: the stat inside waits for INIT, which `session.run` answers.
     let mountpoint = c.mountpoint.clone();
-    let _ = std::thread::Builder::new()
+    let readahead = std::thread::Builder::new()
         .name("readahead".into())
         .spawn(move || {
             if let Err(e) = mount::set_readahead(&mountpoint, mount::READAHEAD_KIB) {
                 log::warn!("read-ahead stays at the kernel's default: {e}");
             }
         });
+    if let Err(e) = readahead {
+        log::warn!("read-ahead stays at the kernel's default: no thread to set it: {e}");
+    }
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || signals.run())

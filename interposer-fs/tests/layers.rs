@@ -194,21 +194,11 @@ fn an_injected_enoent_is_not_remembered_by_the_kernel() {
         fs::metadata(v.path("f")).unwrap_err().raw_os_error(),
         Some(libc::ENOENT)
     );
-    let before = v.stderr.lock().unwrap().len();
-    fs::write(
+    v.apply_control(
         control.path(),
         "layers=fault\nfault.ops=lookup\nfault.errno=ENOENT\n",
-    )
-    .unwrap();
-    v.signal(libc::SIGUSR1);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !v.stderr.lock().unwrap()[before..].contains("fault settings changed") {
-        assert!(
-            Instant::now() < deadline,
-            "daemon did not apply the control file"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+        "fault settings changed",
+    );
     assert_eq!(
         fs::read(v.path("f")).unwrap(),
         b"data",
@@ -544,19 +534,8 @@ fn faults_switch_on_and_off_on_a_running_volume_through_the_control_file() {
     // Each open drops the kernel's cached pages, so every read reaches the daemon.
     let read = || fs::read(v.path("f"));
     // Wait for the daemon to have applied the file: it logs each change.
-    let apply = |text: &str, expect_in_log: &str| {
-        let before = v.stderr.lock().unwrap().len();
-        fs::write(control.path(), text).unwrap();
-        v.signal(libc::SIGUSR1);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !v.stderr.lock().unwrap()[before..].contains(expect_in_log) {
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not log {expect_in_log:?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    };
+    let apply =
+        |text: &str, expect_in_log: &str| v.apply_control(control.path(), text, expect_in_log);
     assert_eq!(read().unwrap(), b"data");
     apply(
         "layers=fault,throttle\nfault.ops=read\nfault.probability=1\nfault.errno=EACCES\n",

@@ -146,6 +146,22 @@ impl Volume {
         unsafe { libc::kill(pid as i32, sig) };
     }
 
+    /// Write `text` to the control file at `control`, signal the daemon, and wait until it logs
+    /// `expect_in_log` (each change it applies or refuses is logged).
+    pub fn apply_control(&self, control: &Path, text: &str, expect_in_log: &str) {
+        let before = self.stderr.lock().unwrap().len();
+        std::fs::write(control, text).unwrap();
+        self.signal(libc::SIGUSR1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.stderr.lock().unwrap()[before..].contains(expect_in_log) {
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not log {expect_in_log:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Stop the daemon (SIGTERM) and wait; returns its exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
