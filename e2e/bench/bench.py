@@ -37,6 +37,7 @@ CONFIGS = [
     ("ifs-all", ["layers=trace,metrics,fault,throttle", "fault.probability=0",
                  "throttle.readBytesPerSecond=1000Gi", "throttle.writeBytesPerSecond=1000Gi"]),
     ("ifs-kpassthrough", ["layers=", "kernelPassthrough=true"]),
+    ("ifs-writeback", ["layers=", "pageCache=writeback"]),
 ]
 
 
@@ -230,7 +231,8 @@ def workloads(short, runtime=None):
         md = tempfile.mkdtemp(prefix="meta.", dir=d)  # a fresh name: see spread_directories
         r = json.loads(sh([METABENCH, md, str(nfiles)]).stdout)
         os.rmdir(md)
-        return {"create/s": r["create"], "stat/s": r["stat"], "unlink/s": r["unlink"]}
+        return {"create/s": r["create"], "stat/s": r["stat"], "unlink/s": r["unlink"],
+                "getxattr/s": r["getxattr"]}
 
     return [
         ("seq write 1M, page cache", seq_write, "MiB/s"),
@@ -243,6 +245,7 @@ def workloads(short, runtime=None):
         (f"create+write 4k ({nfiles} files)", metadata, "create/s"),
         (f"stat ({nfiles} files)", None, "stat/s"),
         (f"unlink ({nfiles} files)", None, "unlink/s"),
+        ("getxattr, absent name: one round trip", None, "getxattr/s"),
         ("source tree: unpack (cargo's crate cache)", source_tree, "unpacked files/s"),
         ("source tree: scan cold (grep -r)", None, "scanned files/s"),
         ("pgbench, data directory on the mount", pgbench, "TPS"),
@@ -250,7 +253,27 @@ def workloads(short, runtime=None):
 
 
 # Workloads too long to run on every configuration: the ones users compare.
-APP_CONFIGS = {"pgbench, data directory on the mount": ["native", "bindfs", "ifs-none", "ifs-all", "ifs-kpassthrough"]}
+APP_CONFIGS = {"pgbench, data directory on the mount": ["native", "bindfs", "ifs-none", "ifs-all", "ifs-kpassthrough",
+                                                     "ifs-writeback"]}
+
+
+def machine_facts():
+    """What decides the cost of a FUSE round trip on this machine: each request wakes a daemon
+    thread and each reply wakes the caller, often on the other CPU. A virtual CPU that halts
+    when idle (cpuidle haltpoll with guest_halt_poll_ns=0) pays a hypervisor exit for each
+    wake-up; one that polls first does not. Recorded so runs on different machines compare."""
+    def read(path):
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+    facts = {"kernel": os.uname().release, "cpus": os.cpu_count(),
+             "cpuidle driver": read("/sys/devices/system/cpu/cpuidle/current_driver"),
+             "cpuidle governor": read("/sys/devices/system/cpu/cpuidle/current_governor"),
+             "haltpoll guest_halt_poll_ns": read("/sys/module/haltpoll/parameters/guest_halt_poll_ns"),
+             "fuse enable_uring": read("/sys/module/fuse/parameters/enable_uring")}
+    return {k: v for k, v in facts.items() if v is not None}
 
 
 def rss_kib(pid, field):
@@ -394,8 +417,11 @@ def main():
     print()
     for k, v in extra.items():
         print(f"{k}: {v:.2f}")
+    machine = machine_facts()
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
     doc = {"mode": "short" if a.short else "full", "repetitions": reps, "jaeger": bool(a.jaeger), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "configs": dict((n, o) for n, o in CONFIGS), "results": table, "extra": extra}
+           "configs": dict((n, o) for n, o in CONFIGS), "results": table, "extra": extra,
+           "machine": machine}
     if a.json:
         with open(a.json, "w") as f:
             json.dump(doc, f, indent=2)
