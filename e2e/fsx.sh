@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Data integrity: fsx (checks every byte against a model) with every operation enabled, 100,000
-# operations natively and through an interposer-fs mount with all four layers on.
+# operations natively and through interposer-fs mounts with all four layers on, with the default
+# page cache and with the writeback cache.
 source "$(dirname "$0")/lib.sh"
 require_root
 OPS=${FSX_OPS:-100000}
@@ -31,7 +32,7 @@ sendfile = 1
 posix_fadvise = 1
 copy_file_range = 1
 TOML
-mkdir -p "$work/native" "$work/source" "$work/mnt" "$work/artifacts"
+mkdir -p "$work/native" "$work/artifacts"
 
 run_fsx() { # FILE LOG
   if fsx -f "$work/fsx.toml" -N "$OPS" -S "$SEED" -P "$work/artifacts" "$1" >"$2" 2>&1; then
@@ -44,10 +45,16 @@ run_fsx() { # FILE LOG
 
 log "fsx: $OPS operations, seed $SEED, natively"
 run_fsx "$work/native/file" "$work/native.log" || die "fsx failed on the native directory"
-mount_volume "$work/source" "$work/mnt" "$work/daemon.log" \
-  -o layers=trace,metrics,fault,throttle -o fault.probability=0 \
-  -o throttle.readBytesPerSecond=100Gi -o throttle.writeBytesPerSecond=100Gi
-log "fsx: $OPS operations, seed $SEED, through interposer-fs (trace,metrics,fault,throttle)"
-run_fsx "$work/mnt/file" "$work/mount.log" || die "fsx failed through interposer-fs"
-cmp "$work/mnt/file" "$work/source/file" || die "the file differs between mount and SOURCE"
-echo "fsx: $OPS operations with every operation enabled completed natively and through interposer-fs"
+layers=(-o layers=trace,metrics,fault,throttle -o fault.probability=0
+        -o throttle.readBytesPerSecond=100Gi -o throttle.writeBytesPerSecond=100Gi)
+for cache in keep writeback; do
+  mkdir -p "$work/source-$cache" "$work/mnt-$cache"
+  mount_volume "$work/source-$cache" "$work/mnt-$cache" "$work/daemon-$cache.log" \
+    "${layers[@]}" -o pageCache=$cache
+  log "fsx: $OPS operations, seed $SEED, through interposer-fs (all four layers, pageCache=$cache)"
+  run_fsx "$work/mnt-$cache/file" "$work/mount-$cache.log" \
+    || die "fsx failed through interposer-fs with pageCache=$cache"
+  cmp "$work/mnt-$cache/file" "$work/source-$cache/file" \
+    || die "the file differs between mount and SOURCE with pageCache=$cache"
+done
+echo "fsx: $OPS operations with every operation enabled completed natively and through interposer-fs (pageCache keep and writeback)"

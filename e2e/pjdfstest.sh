@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# POSIX conformance: pjdfstest on a native directory and through an interposer-fs mount with all
-# four layers on (fault probability 0, throttle limits high), in the same run, then compared.
+# POSIX conformance: pjdfstest on a native directory and through interposer-fs mounts with all
+# four layers on (fault probability 0, throttle limits high), with the default page cache and
+# with the writeback cache, in the same run, then compared.
 #
 # Pass: 0 failures through the mount, and every test that passes natively passes through the
 # mount, except tests pjdfstest itself skips on any FUSE mount (listed below with the reason).
@@ -28,7 +29,7 @@ naptime = 0.01
 [dummy_auth]
 entries = [["nobody", "nogroup"], ["tests", "tests"]]
 TOML
-mkdir -p "$work/native" "$work/source" "$work/mnt"
+mkdir -p "$work/native"
 
 run_suite() { # DIR LOG
   (cd "$1" && pjdfstest -c "$work/pjdfstest.toml" -p "$1") >"$2" 2>&1 || true
@@ -37,25 +38,28 @@ run_suite() { # DIR LOG
 
 log "pjdfstest on the native directory"
 native_summary=$(run_suite "$work/native" "$work/native.log")
-mount_volume "$work/source" "$work/mnt" "$work/daemon.log" \
-  -o layers=trace,metrics,fault,throttle -o fault.probability=0 \
-  -o throttle.readBytesPerSecond=100Gi -o throttle.writeBytesPerSecond=100Gi \
-  -o throttle.readIOPS=10000000 -o throttle.writeIOPS=10000000 \
-  -o metrics.address=127.0.0.1:0
-log "pjdfstest through interposer-fs (trace,metrics,fault,throttle)"
-mount_summary=$(run_suite "$work/mnt" "$work/mount.log")
-
-echo "native:      $native_summary"
-echo "interposer:  $mount_summary"
+echo "native:                $native_summary"
 passed() { grep -E '\s+ok$' "$1" | awk '{print $1}' | sort; }
-failures=$(echo "$mount_summary" | sed -E 's/^Summary: ([0-9]+) failed.*/\1/')
-lost=$(comm -23 <(passed "$work/native.log") <(passed "$work/mount.log") | grep -vxF "$FUSE_STRUCTURAL_SKIPS" || true)
-if [ "$failures" != 0 ]; then
-  grep -E 'FAILED|failed' "$work/mount.log" | grep -v '^Summary' | head -50
-  die "pjdfstest: $failures failures through interposer-fs"
-fi
-if [ -n "$lost" ]; then
-  echo "passed natively but not through interposer-fs:"; echo "$lost"
-  die "pjdfstest: interposer-fs passes fewer tests than the native directory"
-fi
-echo "pjdfstest: 0 failures through interposer-fs; every natively passing test passes (structural FUSE skip: $FUSE_STRUCTURAL_SKIPS)"
+for cache in keep writeback; do
+  mkdir -p "$work/source-$cache" "$work/mnt-$cache"
+  mount_volume "$work/source-$cache" "$work/mnt-$cache" "$work/daemon-$cache.log" \
+    -o layers=trace,metrics,fault,throttle -o fault.probability=0 \
+    -o throttle.readBytesPerSecond=100Gi -o throttle.writeBytesPerSecond=100Gi \
+    -o throttle.readIOPS=10000000 -o throttle.writeIOPS=10000000 \
+    -o metrics.address=127.0.0.1:0 -o pageCache=$cache
+  log "pjdfstest through interposer-fs (trace,metrics,fault,throttle; pageCache=$cache)"
+  mount_log="$work/mount-$cache.log"
+  mount_summary=$(run_suite "$work/mnt-$cache" "$mount_log")
+  echo "interposer ($cache): $(printf '%*s' $((9 - ${#cache})) '')$mount_summary"
+  failures=$(echo "$mount_summary" | sed -E 's/^Summary: ([0-9]+) failed.*/\1/')
+  lost=$(comm -23 <(passed "$work/native.log") <(passed "$mount_log") | grep -vxF "$FUSE_STRUCTURAL_SKIPS" || true)
+  if [ "$failures" != 0 ]; then
+    grep -E 'FAILED|failed' "$mount_log" | grep -v '^Summary' | head -50
+    die "pjdfstest: $failures failures through interposer-fs with pageCache=$cache"
+  fi
+  if [ -n "$lost" ]; then
+    echo "passed natively but not through interposer-fs (pageCache=$cache):"; echo "$lost"
+    die "pjdfstest: interposer-fs (pageCache=$cache) passes fewer tests than the native directory"
+  fi
+done
+echo "pjdfstest: 0 failures through interposer-fs with pageCache keep and writeback; every natively passing test passes (structural FUSE skip: $FUSE_STRUCTURAL_SKIPS)"

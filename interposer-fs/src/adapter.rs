@@ -33,6 +33,9 @@ pub struct CacheConfig {
     /// Keep a file's cached pages when it is opened again (FOPEN_KEEP_CACHE); the kernel
     /// still drops them when it sees the file's size or mtime change (FUSE_AUTO_INVAL_DATA).
     pub keep_pages: bool,
+    /// The kernel's writeback cache (FUSE_WRITEBACK_CACHE): writes stay in the page cache and
+    /// reach us merged, when the kernel flushes them.
+    pub writeback: bool,
 }
 
 impl CacheConfig {
@@ -42,6 +45,22 @@ impl CacheConfig {
             FopenFlags::FOPEN_KEEP_CACHE
         } else {
             FopenFlags::empty()
+        }
+    }
+
+    /// The flags to open the backing file with, for a caller's open `flags`. With the
+    /// writeback cache the kernel reads pages around a partial write through any handle, so
+    /// write-only becomes read-write; and it places appends itself (it knows the cached size),
+    /// so `O_APPEND`, which would make the backing `pwrite` ignore the offset, is dropped.
+    fn backing_flags(&self, flags: i32) -> i32 {
+        if !self.writeback {
+            return flags;
+        }
+        let flags = flags & !libc::O_APPEND;
+        if flags & libc::O_ACCMODE == libc::O_WRONLY {
+            (flags & !libc::O_ACCMODE) | libc::O_RDWR
+        } else {
+            flags
         }
     }
 }
@@ -55,7 +74,8 @@ pub struct Interposer {
     kernel_passthrough: bool,
     /// Whether FLUSH (each close()) must reach the daemon: only when a fault targets it.
     /// Otherwise the first FLUSH answers ENOSYS and the kernel stops sending it, saving a
-    /// round trip per close (writes are synchronous, so there is nothing to flush).
+    /// round trip per close: we hold no dirty data (with the writeback cache the kernel writes
+    /// its cached pages back, and reports their errors, before it would send FLUSH).
     keep_flush: bool,
     /// Backing ids must be shared by all open handles of an inode: node → live id.
     backing_by_ino: Mutex<HashMap<u64, Weak<BackingId>>>,
@@ -296,6 +316,11 @@ impl Filesystem for Interposer {
         // `Passthrough::write`); without this the kernel asks for `security.capability` before
         // every single write, which halves small-write throughput.
         let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
+        if self.cache.writeback {
+            config
+                .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
+                .map_err(|_| std::io::Error::other("this kernel has no FUSE writeback cache"))?;
+        }
         if self.kernel_passthrough {
             config
                 .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
@@ -518,7 +543,8 @@ impl Filesystem for Interposer {
         let info = self
             .info(Op::Open, req, ino.0, &resolve)
             .with_flags(flags.0);
-        match self.run(&info, || self.fs.open(ino.0, flags.0)) {
+        let backing = self.cache.backing_flags(flags.0);
+        match self.run(&info, || self.fs.open(ino.0, backing)) {
             Ok(fh) => {
                 if self.kernel_passthrough {
                     if let Some(id) = self.backing_for(ino.0, fh, |fd| reply.open_backing(fd)) {
@@ -777,7 +803,8 @@ impl Filesystem for Interposer {
             .info(Op::Create, req, parent.0, &resolve)
             .with_flags(flags);
         let c = caller(req);
-        match self.run(&info, || self.fs.create(c, parent.0, name, mode, flags)) {
+        let backing = self.cache.backing_flags(flags);
+        match self.run(&info, || self.fs.create(c, parent.0, name, mode, backing)) {
             Ok((entry, fh)) => {
                 let attr = to_attr(entry.ino, &entry.attr);
                 if self.kernel_passthrough {

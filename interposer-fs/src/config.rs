@@ -181,6 +181,14 @@ impl DaemonConfig {
             }
         }
         c.params = VolumeParams::parse(volume)?;
+        if c.kernel_passthrough && c.params.page_cache == crate::params::PageCache::Writeback {
+            // Kernel passthrough already writes through the backing file's own page cache.
+            return Err(ParamError::BadValue {
+                key: "pageCache".into(),
+                value: "writeback".into(),
+                expected: "keep or dropOnOpen with kernelPassthrough".into(),
+            });
+        }
         Ok(c)
     }
 }
@@ -240,5 +248,12 @@ mod tests {
             let e = parse(&[opt]).expect_err(opt);
             assert_eq!(e.key(), key, "{opt}: {e}");
         }
+    }
+
+    #[test]
+    fn kernel_passthrough_refuses_the_writeback_cache() {
+        let e = parse(&["kernelPassthrough=true", "pageCache=writeback"]).expect_err("both");
+        assert_eq!(e.key(), "pageCache", "{e}");
+        assert!(parse(&["pageCache=writeback"]).is_ok());
     }
 }

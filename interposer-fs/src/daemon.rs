@@ -21,7 +21,7 @@ use crate::layers::throttle::ThrottleLayer;
 use crate::layers::trace::{LiveAttributes, TraceLayer};
 use crate::layers::{Layer, Shutdown, Stack};
 use crate::mount::{self, MountSpec};
-use crate::params::{LayerKind, VolumeParams, is_volume_key};
+use crate::params::{LayerKind, PageCache, VolumeParams, is_volume_key};
 use crate::telemetry::{metrics_server, otlp};
 
 #[derive(Debug, thiserror::Error)]
@@ -207,7 +207,8 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
         Stack::new(layers),
         CacheConfig {
             ttl: c.cache_ttl,
-            keep_pages: p.page_cache == crate::params::PageCache::Keep,
+            keep_pages: p.page_cache != PageCache::DropOnOpen,
+            writeback: p.page_cache == PageCache::Writeback,
         },
         c.kernel_passthrough,
         p.has_layer(LayerKind::Fault)
@@ -264,15 +265,16 @@ pub fn run(c: DaemonConfig) -> Result<(), DaemonError> {
     };
     // Not on this thread: the stat inside waits for INIT, which `session.run` answers.
     let mountpoint = c.mountpoint.clone();
-    let readahead = std::thread::Builder::new()
-        .name("readahead".into())
+    let writeback = c.params.page_cache == PageCache::Writeback;
+    let tuning = std::thread::Builder::new()
+        .name("bdi-tuning".into())
         .spawn(move || {
-            if let Err(e) = mount::set_readahead(&mountpoint, mount::READAHEAD_KIB) {
-                log::warn!("read-ahead stays at the kernel's default: {e}");
+            if let Err(e) = mount::tune_bdi(&mountpoint, mount::READAHEAD_KIB, writeback) {
+                log::warn!("the mount's device keeps (some of) the kernel's defaults: {e}");
             }
         });
-    if let Err(e) = readahead {
-        log::warn!("read-ahead stays at the kernel's default: no thread to set it: {e}");
+    if let Err(e) = tuning {
+        log::warn!("the mount's device keeps the kernel's defaults: no thread to tune it: {e}");
     }
     std::thread::Builder::new()
         .name("signals".into())

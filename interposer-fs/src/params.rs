@@ -85,6 +85,11 @@ pub enum PageCache {
     /// Drop them at every open, so every read of a newly opened file reaches the layers
     /// (each read traced, counted, open to faults) at the cost of re-reading cached data.
     DropOnOpen,
+    /// Keep them, and let `write(2)` return once the data is in the page cache, as natively
+    /// (the kernel's FUSE writeback cache). The layers see writes when the kernel flushes
+    /// them: merged into large requests, from the kernel's flusher rather than the writing
+    /// process, at the latest on `close`/`fsync`, whose callers see any error.
+    Writeback,
 }
 
 /// `trace.*` settings.
@@ -209,7 +214,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ),
     (
         "pageCache",
-        "keep (cached pages survive reopening, as natively) or dropOnOpen (every read after an open reaches the layers) (default keep)",
+        "keep (cached pages survive reopening, as natively), dropOnOpen (every read after an open reaches the layers) or writeback (keep, and writes are cached and reach the layers merged, by close or fsync at the latest) (default keep)",
     ),
     ("trace.sampleRatio", "number in 0..1 (default 1)"),
     (
@@ -317,7 +322,14 @@ impl VolumeParams {
                     p.page_cache = match v {
                         "keep" => PageCache::Keep,
                         "dropOnOpen" => PageCache::DropOnOpen,
-                        _ => return Err(ParamError::bad(key, value, "keep or dropOnOpen")),
+                        "writeback" => PageCache::Writeback,
+                        _ => {
+                            return Err(ParamError::bad(
+                                key,
+                                value,
+                                "keep, dropOnOpen or writeback",
+                            ));
+                        }
                     }
                 }
                 "trace.sampleRatio" => p.trace.sample_ratio = parse_ratio(key, v)?,

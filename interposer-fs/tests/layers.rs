@@ -114,26 +114,32 @@ fn throttle_at_20_mib_per_second_writes_at_that_rate() {
     );
 }
 
+/// Wait until the mount's device setting `name` reads `value` (the daemon tunes it on a thread
+/// of its own once INIT is answered).
+fn wait_for_bdi(v: &Volume, name: &str, value: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let dev = fs::metadata(&v.mnt).unwrap().dev();
+    let path = format!(
+        "/sys/class/bdi/{}:{}/{name}",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fs::read_to_string(&path).unwrap().trim() != value {
+        assert!(Instant::now() < deadline, "{path} never became {value}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_sequential_read_reaches_the_daemon_in_one_mib_requests() {
-    use std::os::unix::fs::MetadataExt;
     let v = Volume::start(&[
         "layers=metrics",
         "pageCache=dropOnOpen",
         "metrics.address=127.0.0.1:0",
     ]);
-    // Read-ahead is raised on a thread of its own once INIT is answered: wait for it.
-    let dev = fs::metadata(&v.mnt).unwrap().dev();
-    let bdi = format!(
-        "/sys/class/bdi/{}:{}/read_ahead_kb",
-        libc::major(dev),
-        libc::minor(dev)
-    );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while fs::read_to_string(&bdi).unwrap().trim() != "1024" {
-        assert!(Instant::now() < deadline, "{bdi} never became 1024");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_bdi(&v, "read_ahead_kb", "1024");
+    wait_for_bdi(&v, "strict_limit", "1"); // the kernel's, without the writeback cache
     let size = 32 << 20;
     fs::write(v.source_path("big"), vec![9u8; size]).unwrap();
     assert_eq!(fs::read(v.path("big")).unwrap().len(), size);
@@ -154,6 +160,59 @@ fn operations(v: &Volume, op: &str) -> f64 {
         .filter(|l| l.starts_with("interposer_operations_total{") && l.contains(&label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+#[test]
+fn with_the_writeback_cache_small_writes_reach_the_daemon_merged_and_close_writes_them() {
+    use std::io::{Seek, SeekFrom};
+    let v = Volume::start(&[
+        "layers=metrics",
+        "pageCache=writeback",
+        "metrics.address=127.0.0.1:0",
+    ]);
+    // Dirty pages count as a local disk's (see `mount::tune_bdi`).
+    wait_for_bdi(&v, "strict_limit", "0");
+    // 4 MiB in 4 KiB write(2)s: 1,024 WRITE requests without the cache.
+    let block: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+    let mut f = fs::File::create(v.path("log")).unwrap();
+    for _ in 0..1024 {
+        f.write_all(&block).unwrap();
+    }
+    drop(f);
+    // close() has written everything back: SOURCE holds it, byte for byte.
+    let written = fs::read(v.source_path("log")).unwrap();
+    assert_eq!(written.len(), 4 << 20);
+    assert!(written.chunks(4096).all(|c| c == block.as_slice()));
+    let writes = operations(&v, "write");
+    assert!(
+        (1.0..=64.0).contains(&writes),
+        "{writes} write requests for 1,024 writes of 4 KiB"
+    );
+
+    // A write-only descriptor: the kernel reads the rest of the page through our handle.
+    fs::write(v.source_path("page"), vec![b'a'; 10_000]).unwrap();
+    let mut w = fs::OpenOptions::new()
+        .write(true)
+        .open(v.path("page"))
+        .unwrap();
+    w.seek(SeekFrom::Start(5000)).unwrap();
+    w.write_all(b"XY").unwrap();
+    drop(w);
+    let page = fs::read(v.source_path("page")).unwrap();
+    assert_eq!(page.len(), 10_000);
+    assert_eq!(&page[4998..5004], b"aaXYaa");
+
+    // Appends land at the end the kernel knows, even with data still cached.
+    let mut a = fs::OpenOptions::new()
+        .append(true)
+        .open(v.path("page"))
+        .unwrap();
+    a.write_all(b"one").unwrap();
+    a.write_all(b"two").unwrap();
+    a.sync_all().unwrap();
+    let page = fs::read(v.source_path("page")).unwrap();
+    assert_eq!(page.len(), 10_006);
+    assert!(page.ends_with(b"aonetwo"));
 }
 
 #[test]

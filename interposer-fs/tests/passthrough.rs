@@ -413,29 +413,160 @@ fn capacity_is_enforced_and_df_shows_the_volume_size() {
 }
 
 #[test]
+fn with_the_writeback_cache_a_full_volume_fails_fsync_with_enospc() {
+    let v = Volume::start(&["layers=", "capacity=10Mi", "pageCache=writeback"]);
+    fs::write(v.path("a"), vec![1u8; 6 << 20]).unwrap();
+    let mut f = fs::File::create(v.path("b")).unwrap();
+    // The write may be accepted into the page cache; the flush cannot be.
+    let e = f
+        .write_all(&vec![1u8; 6 << 20])
+        .and_then(|()| f.sync_all())
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    assert!(fs::metadata(v.source_path("b")).unwrap().len() < 6 << 20);
+}
+
+#[test]
 fn an_unprivileged_write_clears_setuid_as_the_kernel_would() {
+    for cache in ["pageCache=keep", "pageCache=writeback"] {
+        let v = Volume::start(&["layers=", cache]);
+        fs::set_permissions(&v.mnt, fs::Permissions::from_mode(0o777)).unwrap();
+        fs::write(v.path("suid"), b"#!/bin/sh\n").unwrap();
+        fs::set_permissions(v.path("suid"), fs::Permissions::from_mode(0o6777)).unwrap();
+        // Root writing keeps the bits (CAP_FSETID)...
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(v.path("suid"))
+            .unwrap();
+        f.write_all(b"# root\n").unwrap();
+        drop(f);
+        assert_eq!(
+            fs::metadata(v.source_path("suid")).unwrap().mode() & 0o7777,
+            0o6777,
+            "{cache}"
+        );
+        // ...an unprivileged writer drops set-user-ID and (group-executable) set-group-ID.
+        let status = common::as_nobody(&format!("echo '# nobody' >> {}", v.path("suid").display()))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert_eq!(
+            fs::metadata(v.source_path("suid")).unwrap().mode() & 0o7777,
+            0o0777,
+            "{cache}"
+        );
+        assert_eq!(
+            fs::read(v.source_path("suid")).unwrap(),
+            b"#!/bin/sh\n# root\n# nobody\n",
+            "{cache}"
+        );
+    }
+}
+
+fn xattr_of(path: &std::path::Path, name: &str) -> Result<Vec<u8>, i32> {
+    let p = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 256];
+    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+    buf.truncate(r as usize);
+    Ok(buf)
+}
+
+/// `setcap cap_net_bind_service=ep` as bytes: a version 2 `vfs_cap_data`.
+fn set_file_caps(path: &std::path::Path) {
+    let mut value = Vec::new();
+    value.extend_from_slice(&(0x0200_0000u32 | 1).to_le_bytes()); // revision 2, effective
+    value.extend_from_slice(&(1u32 << 10).to_le_bytes()); // permitted: CAP_NET_BIND_SERVICE
+    value.extend_from_slice(&[0; 12]); // inheritable, and the high words
+    let p = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    let r = unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            c"security.capability".as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(r, 0, "setcap: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn a_write_removes_file_capabilities_as_the_kernel_would() {
+    for cache in ["pageCache=keep", "pageCache=writeback"] {
+        let v = Volume::start(&["layers=", cache]);
+        let path = v.path("tool");
+        let mut early = fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        assert_eq!(
+            xattr_of(&path, "security.capability"),
+            Err(libc::ENODATA),
+            "a new file has no capabilities"
+        );
+        set_file_caps(&path);
+        assert_eq!(
+            xattr_of(&path, "security.capability").map(|b| b.len()),
+            Ok(20)
+        );
+        // Written through a descriptor opened before the capabilities were set...
+        early.write_all(b"#!/bin/sh\n").unwrap();
+        assert_eq!(
+            xattr_of(&v.source_path("tool"), "security.capability"),
+            Err(libc::ENODATA),
+            "a write through an earlier descriptor removes them"
+        );
+        // ...and through one opened after.
+        set_file_caps(&path);
+        let mut late = fs::OpenOptions::new().append(true).open(&path).unwrap();
+        late.write_all(b"exit 0\n").unwrap();
+        assert_eq!(
+            xattr_of(&v.source_path("tool"), "security.capability"),
+            Err(libc::ENODATA),
+            "a write through a later descriptor removes them"
+        );
+        // (With the writeback cache the data reaches SOURCE at close.)
+        drop((early, late));
+        assert_eq!(
+            fs::read(v.source_path("tool")).unwrap(),
+            b"#!/bin/sh\nexit 0\n",
+            "{cache}"
+        );
+    }
+}
+
+#[test]
+fn a_create_over_a_name_made_behind_the_mount_opens_that_file() {
     let v = Volume::start(&["layers="]);
-    fs::set_permissions(&v.mnt, fs::Permissions::from_mode(0o777)).unwrap();
-    fs::write(v.path("suid"), b"#!/bin/sh\n").unwrap();
-    fs::set_permissions(v.path("suid"), fs::Permissions::from_mode(0o6777)).unwrap();
-    // Root writing keeps the bits (CAP_FSETID)...
-    fs::OpenOptions::new()
-        .append(true)
-        .open(v.path("suid"))
-        .unwrap()
-        .write_all(b"# root\n")
+    let path = v.path("late");
+    // The kernel now holds a negative entry for the name...
+    assert!(fs::metadata(&path).is_err());
+    // ...which the backing directory contradicts a moment later.
+    fs::write(v.source_path("late"), b"made behind the mount").unwrap();
+    let e = fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .open(&path)
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EEXIST), "O_EXCL is honoured");
+    assert!(fs::metadata(v.source_path("late")).unwrap().len() > 0);
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
         .unwrap();
+    let mut text = String::new();
+    f.read_to_string(&mut text).unwrap();
     assert_eq!(
-        fs::metadata(v.source_path("suid")).unwrap().mode() & 0o7777,
-        0o6777
-    );
-    // ...an unprivileged writer drops set-user-ID and (group-executable) set-group-ID.
-    let status = common::as_nobody(&format!("echo '# nobody' >> {}", v.path("suid").display()))
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert_eq!(
-        fs::metadata(v.source_path("suid")).unwrap().mode() & 0o7777,
-        0o0777
+        text, "made behind the mount",
+        "the existing file, not a new one"
     );
 }

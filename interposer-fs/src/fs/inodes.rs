@@ -19,7 +19,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::RwLock;
 
@@ -51,6 +51,9 @@ pub struct InodeData {
     pub reference: InodeRef,
     pub dev: u64,
     pub ino: u64,
+    /// The file was created through this mount and nothing has set `security.capability` on it
+    /// since: the kernel's question before its first write can be answered without a syscall.
+    pub no_file_caps: AtomicBool,
 }
 
 struct Node {
@@ -88,6 +91,7 @@ impl InodeTable {
                 reference: InodeRef::Fd(sys::dup(root_fd.as_fd())?),
                 dev: st.st_dev,
                 ino: st.st_ino,
+                no_file_caps: AtomicBool::new(false),
             }),
             parent: ROOT,
             name: OsString::new(),
@@ -160,8 +164,28 @@ impl InodeTable {
         }
     }
 
-    /// Record one kernel lookup of the object `fd` (found as `parent/name`, described by `st`).
-    /// Returns the node id to give the kernel.
+    /// How to reach the object `fd` again: its kernel handle, or `fd` itself (which must then
+    /// be an `O_PATH` descriptor) where handles cannot be used.
+    pub fn reference(&self, fd: OwnedFd, st: &libc::stat) -> InodeRef {
+        match self.handle_for(fd.as_fd(), st) {
+            Some(h) => InodeRef::Handle(h),
+            None => InodeRef::Fd(fd),
+        }
+    }
+
+    /// The kernel handle of the object open as `fd` (any descriptor of it), if the backing
+    /// filesystem gives one and the object is on SOURCE's device.
+    pub fn handle_for(&self, fd: BorrowedFd<'_>, st: &libc::stat) -> Option<KernelHandle> {
+        if self.handles_supported && st.st_dev == self.root_dev {
+            sys::name_to_handle(fd).ok()
+        } else {
+            None
+        }
+    }
+
+    /// Record one kernel lookup of the object found as `parent/name`, described by `st` and
+    /// reached through `reference`; `created` when this mount just created it. Returns the node
+    /// id to give the kernel.
     ///
     /// Node ids are the backing inode numbers (so `stat` and `readdir` inside the volume show
     /// the real, stable numbers, as tools like git and rsync expect across remounts); objects on
@@ -172,18 +196,18 @@ impl InodeTable {
         &self,
         parent: u64,
         name: &OsStr,
-        fd: OwnedFd,
+        reference: InodeRef,
         st: &libc::stat,
+        created: bool,
     ) -> FsResult<u64> {
         let key = (st.st_dev, st.st_ino);
-        // Make the reference outside the lock: it is a syscall.
-        let reference = if self.handles_supported && st.st_dev == self.root_dev {
-            match sys::name_to_handle(fd.as_fd()) {
-                Ok(h) => InodeRef::Handle(h),
-                Err(_) => InodeRef::Fd(fd),
-            }
-        } else {
-            InodeRef::Fd(fd)
+        let data = |reference| {
+            Arc::new(InodeData {
+                reference,
+                dev: st.st_dev,
+                ino: st.st_ino,
+                no_file_caps: AtomicBool::new(created),
+            })
         };
         let mut maps = self.maps.write();
         if let Some(&id) = maps.by_key.get(&key) {
@@ -198,11 +222,7 @@ impl InodeTable {
                     };
                     if stale {
                         self.uncache(id);
-                        node.data = Arc::new(InodeData {
-                            reference,
-                            dev: st.st_dev,
-                            ino: st.st_ino,
-                        });
+                        node.data = data(reference);
                     }
                 }
                 return Ok(id);
@@ -217,11 +237,7 @@ impl InodeTable {
         maps.nodes.insert(
             id,
             Node {
-                data: Arc::new(InodeData {
-                    reference,
-                    dev: st.st_dev,
-                    ino: st.st_ino,
-                }),
+                data: data(reference),
                 parent,
                 name: name.to_os_string(),
                 lookups: 1,

@@ -17,7 +17,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::fs::creds::AsCaller;
 use crate::fs::errno::{Errno, FsResult};
-use crate::fs::inodes::InodeTable;
+use crate::fs::inodes::{InodeRef, InodeTable};
 use crate::fs::op::Caller;
 use crate::fs::quota::Quota;
 use crate::fs::sys;
@@ -77,10 +77,11 @@ struct Handles {
 }
 
 impl Handles {
-    fn insert(&self, fd: OwnedFd, ino: u64, writable: bool) -> u64 {
+    /// `check_caps`: the file is open for writing and may carry file capabilities.
+    fn insert(&self, fd: OwnedFd, ino: u64, check_caps: bool) -> u64 {
         let fh = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         // One syscall here instead of a kernel round trip on every write.
-        let has_caps = writable && sys::fgetxattr_exists(fd.as_fd(), c"security.capability");
+        let has_caps = check_caps && sys::fgetxattr_exists(fd.as_fd(), SECURITY_CAPABILITY);
         self.map.write().insert(
             fh,
             Arc::new(OpenFile {
@@ -99,6 +100,8 @@ impl Handles {
         self.map.write().remove(&fh)
     }
 }
+
+const SECURITY_CAPABILITY: &std::ffi::CStr = c"security.capability";
 
 /// Flags never passed to the backing open: the kernel already handled them, or they would break
 /// our buffers (O_DIRECT needs aligned memory).
@@ -196,7 +199,8 @@ impl Passthrough {
         let c = sys::cname(name)?;
         let fd = sys::openat(dir, &c, libc::O_PATH, 0)?;
         let st = sys::fstat(fd.as_fd())?;
-        let ino = self.inodes.remember(parent, name, fd, &st)?;
+        let reference = self.inodes.reference(fd, &st);
+        let ino = self.inodes.remember(parent, name, reference, &st, false)?;
         Ok(Entry { ino, attr: st })
     }
 
@@ -423,22 +427,36 @@ impl Passthrough {
     ) -> FsResult<(Entry, u64)> {
         let dir = self.inodes.path_fd(parent)?;
         let c = sys::cname(name)?;
-        let fd = {
+        let (fd, opened) = {
             let _as = AsCaller::new(caller)?;
-            sys::openat(
+            open_or_create(
                 dir.as_fd(),
                 &c,
-                (flags & !(libc::O_DIRECT | libc::O_NOCTTY)) | libc::O_CREAT,
+                flags & !(libc::O_DIRECT | libc::O_NOCTTY),
                 mode,
             )?
         };
         let st = sys::fstat(fd.as_fd())?;
         if let Some(q) = &self.quota {
-            q.created(&st);
+            match &opened {
+                Opened::Created => q.created(&st),
+                Opened::Existed {
+                    before: Some(before),
+                } => q.account(before, &st),
+                Opened::Existed { before: None } => {}
+            }
         }
-        let path_fd = sys::openat(dir.as_fd(), &c, libc::O_PATH, 0)?;
-        let ino = self.inodes.remember(parent, name, path_fd, &st)?;
-        let fh = self.handles.insert(fd, ino, writable(flags));
+        let created = matches!(opened, Opened::Created);
+        // The handle comes from the descriptor we already have: no second open of the name.
+        let reference = match self.inodes.handle_for(fd.as_fd(), &st) {
+            Some(h) => InodeRef::Handle(h),
+            None => InodeRef::Fd(sys::openat(dir.as_fd(), &c, libc::O_PATH, 0)?),
+        };
+        let ino = self
+            .inodes
+            .remember(parent, name, reference, &st, created)?;
+        // A file this call created has no capabilities to kill.
+        let fh = self.handles.insert(fd, ino, writable(flags) && !created);
         Ok((Entry { ino, attr: st }, fh))
     }
 
@@ -472,7 +490,7 @@ impl Passthrough {
             }
         }
         if f.has_caps.swap(false, Ordering::Relaxed) {
-            match sys::fremovexattr(f.fd.as_fd(), c"security.capability") {
+            match sys::fremovexattr(f.fd.as_fd(), SECURITY_CAPABILITY) {
                 Ok(()) | Err(Errno(libc::ENODATA)) => {}
                 Err(e) => return Err(e),
             }
@@ -570,14 +588,28 @@ impl Passthrough {
     ) -> FsResult<()> {
         let fd = self.inodes.path_fd(ino)?;
         let c = xattr_name(name)?;
+        if c.as_c_str() == SECURITY_CAPABILITY {
+            // Before the change, so no reader can miss it.
+            self.inodes
+                .get(ino)?
+                .no_file_caps
+                .store(false, Ordering::Release);
+        }
         let _as = AsCaller::new(caller)?;
         sys::setxattr(fd.as_fd(), &c, value, flags)
     }
 
     /// `size == 0` asks for the length only.
     pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> FsResult<Xattr> {
-        let fd = self.inodes.path_fd(ino)?;
         let c = xattr_name(name)?;
+        // The kernel asks this before the first write to every file; for one we just created
+        // the answer is known.
+        if c.as_c_str() == SECURITY_CAPABILITY
+            && self.inodes.get(ino)?.no_file_caps.load(Ordering::Acquire)
+        {
+            return Err(Errno(libc::ENODATA));
+        }
+        let fd = self.inodes.path_fd(ino)?;
         if size == 0 {
             return sys::getxattr(fd.as_fd(), &c, &mut []).map(|n| Xattr::Size(n as u32));
         }
@@ -656,6 +688,46 @@ pub enum Xattr {
 fn xattr_name(name: &OsStr) -> FsResult<std::ffi::CString> {
     use std::os::unix::ffi::OsStrExt;
     std::ffi::CString::new(name.as_bytes()).map_err(|_| Errno::EINVAL)
+}
+
+/// What `open_or_create` found.
+enum Opened {
+    Created,
+    /// The name existed after all (the backing directory changed behind the kernel's back);
+    /// `before`: its `stat` before our open (which may truncate it), for the quota.
+    Existed {
+        before: Option<libc::stat>,
+    },
+}
+
+/// Open `name` in `dir` for a FUSE CREATE, knowing whether this call made the file. The kernel
+/// sends CREATE for a name it believes absent; `O_EXCL` tells us it was, and a file we made has
+/// no capabilities and no allocation to account twice.
+fn open_or_create(
+    dir: BorrowedFd<'_>,
+    name: &std::ffi::CStr,
+    flags: i32,
+    mode: u32,
+) -> FsResult<(OwnedFd, Opened)> {
+    let exclusive = flags | libc::O_CREAT | libc::O_EXCL;
+    if flags & libc::O_EXCL != 0 {
+        return Ok((sys::openat(dir, name, exclusive, mode)?, Opened::Created));
+    }
+    // Bounded: each turn means another process created and removed the name in between.
+    for _ in 0..3 {
+        match sys::openat(dir, name, exclusive, mode) {
+            Ok(fd) => return Ok((fd, Opened::Created)),
+            Err(Errno(libc::EEXIST)) => {}
+            Err(e) => return Err(e),
+        }
+        let before = sys::fstatat_nofollow(dir, name).ok();
+        match sys::openat(dir, name, flags, 0) {
+            Ok(fd) => return Ok((fd, Opened::Existed { before })),
+            Err(Errno(libc::ENOENT)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Errno(libc::EAGAIN))
 }
 
 /// Whether open flags allow writing.
