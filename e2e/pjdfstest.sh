@@ -38,7 +38,7 @@ run_suite() { # DIR LOG
 
 log "pjdfstest on the native directory"
 native_summary=$(run_suite "$work/native" "$work/native.log")
-echo "native:                $native_summary"
+echo "native: $native_summary"
 passed() { grep -E '\s+ok$' "$1" | awk '{print $1}' | sort; }
 for cache in keep writeback; do
   mkdir -p "$work/source-$cache" "$work/mnt-$cache"
@@ -50,7 +50,7 @@ for cache in keep writeback; do
   log "pjdfstest through interposer-fs (trace,metrics,fault,throttle; pageCache=$cache)"
   mount_log="$work/mount-$cache.log"
   mount_summary=$(run_suite "$work/mnt-$cache" "$mount_log")
-  echo "interposer ($cache): $(printf '%*s' $((9 - ${#cache})) '')$mount_summary"
+  echo "interposer ($cache): $mount_summary"
   failures=$(echo "$mount_summary" | sed -E 's/^Summary: ([0-9]+) failed.*/\1/')
   lost=$(comm -23 <(passed "$work/native.log") <(passed "$mount_log") | grep -vxF "$FUSE_STRUCTURAL_SKIPS" || true)
   if [ "$failures" != 0 ]; then

@@ -24,27 +24,30 @@ use crate::fs::errno::{Errno, FsResult};
 use crate::fs::op::{Caller, Op, OpInfo, Outcome};
 use crate::fs::passthrough::{DirEntry, Entry, Passthrough, SetAttrs, SetTime, Xattr};
 use crate::layers::Stack;
+use crate::params::PageCache;
 
 /// How the kernel may cache what we tell it.
 #[derive(Debug, Clone, Copy)]
 pub struct CacheConfig {
     /// How long the kernel may trust attributes and names without asking again.
     pub ttl: Duration,
-    /// Keep a file's cached pages when it is opened again (FOPEN_KEEP_CACHE); the kernel
-    /// still drops them when it sees the file's size or mtime change (FUSE_AUTO_INVAL_DATA).
-    pub keep_pages: bool,
-    /// The kernel's writeback cache (FUSE_WRITEBACK_CACHE): writes stay in the page cache and
-    /// reach us merged, when the kernel flushes them.
-    pub writeback: bool,
+    /// What happens to a file's cached pages (see `PageCache`). Kept pages (FOPEN_KEEP_CACHE)
+    /// are still dropped when the kernel sees the file's size or mtime change
+    /// (FUSE_AUTO_INVAL_DATA); `Writeback` also asks for FUSE_WRITEBACK_CACHE.
+    pub page_cache: PageCache,
 }
 
 impl CacheConfig {
+    fn writeback(&self) -> bool {
+        self.page_cache == PageCache::Writeback
+    }
+
     /// Flags for an open or create reply.
     fn open_flags(&self) -> FopenFlags {
-        if self.keep_pages {
-            FopenFlags::FOPEN_KEEP_CACHE
-        } else {
+        if self.page_cache == PageCache::DropOnOpen {
             FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
         }
     }
 
@@ -53,7 +56,7 @@ impl CacheConfig {
     /// write-only becomes read-write; and it places appends itself (it knows the cached size),
     /// so `O_APPEND`, which would make the backing `pwrite` ignore the offset, is dropped.
     fn backing_flags(&self, flags: i32) -> i32 {
-        if !self.writeback {
+        if !self.writeback() {
             return flags;
         }
         let flags = flags & !libc::O_APPEND;
@@ -316,7 +319,7 @@ impl Filesystem for Interposer {
         // `Passthrough::write`); without this the kernel asks for `security.capability` before
         // every single write, which halves small-write throughput.
         let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
-        if self.cache.writeback {
+        if self.cache.writeback() {
             config
                 .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
                 .map_err(|_| std::io::Error::other("this kernel has no FUSE writeback cache"))?;

@@ -207,8 +207,7 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
         Stack::new(layers),
         CacheConfig {
             ttl: c.cache_ttl,
-            keep_pages: p.page_cache != PageCache::DropOnOpen,
-            writeback: p.page_cache == PageCache::Writeback,
+            page_cache: p.page_cache,
         },
         c.kernel_passthrough,
         p.has_layer(LayerKind::Fault)

@@ -701,8 +701,9 @@ enum Opened {
 }
 
 /// Open `name` in `dir` for a FUSE CREATE, knowing whether this call made the file. The kernel
-/// sends CREATE for a name it believes absent; `O_EXCL` tells us it was, and a file we made has
-/// no capabilities and no allocation to account twice.
+/// sends CREATE for a name it believes absent; `O_EXCL` tells us it was: a file we made has no
+/// capabilities, and counts whole towards the quota, where one that existed counts only for
+/// what our open changed (an `O_TRUNC`).
 fn open_or_create(
     dir: BorrowedFd<'_>,
     name: &std::ffi::CStr,
