@@ -6,8 +6,12 @@ repetition runs every workload on every configuration in turn (interleaved), so 
 affects all of them alike. The table shows the median of the repetitions and the ratio to native.
 
 Usage: bench.py [--short] [--reps N] [--runtime S] [--json FILE] [--work DIR] [--jaeger BIN]
-  --short   a few seconds per workload (what CI runs, to keep the benchmark from rotting)
-  --jaeger  a Jaeger binary to run during the benchmark, so ifs-trace/ifs-all pay for real export
+                [--configs A,B] [--workloads WORDS,WORDS]
+  --short      a few seconds per workload (what CI runs, to keep the benchmark from rotting)
+  --jaeger     a Jaeger binary to run during the benchmark, so ifs-trace/ifs-all pay for real export
+  --configs    only these configurations (native is always measured: it is what ratios divide by)
+  --workloads  only the workloads whose title contains one of these (comma-separated) words;
+               the daemon-wide figures (RSS, CPU per GiB, mount latency) are then left out
 """
 import argparse
 import glob
@@ -77,8 +81,8 @@ class Mounts:
         self.procs = {}
         self.paths = {}
 
-    def mount_all(self):
-        for name, opts in CONFIGS:
+    def mount_all(self, configs):
+        for name, opts in configs:
             src = os.path.join(self.work, name, "src")
             os.makedirs(src, exist_ok=True)
             spread_directories(src)
@@ -331,7 +335,17 @@ def main():
     ap.add_argument("--work", default="/var/tmp")
     ap.add_argument("--runtime", type=int, help="seconds per time-based workload")
     ap.add_argument("--jaeger", help="Jaeger binary to start for the run (OTLP on 127.0.0.1:4317)")
+    ap.add_argument("--configs", help="comma-separated configurations to run (native always runs)")
+    ap.add_argument("--workloads", help="comma-separated words; run the workloads whose title has one")
     a = ap.parse_args()
+    known = [n for n, _ in CONFIGS]
+    wanted = set(a.configs.split(",")) if a.configs else set(known)
+    if wanted - set(known):
+        ap.error(f"unknown configurations {sorted(wanted - set(known))}; known: {', '.join(known)}")
+    configs = [(n, o) for n, o in CONFIGS if n in wanted or n == "native"]
+    wl = selected_workloads(workloads(a.short, a.runtime), a.workloads)
+    if not wl:
+        ap.error(f"no workload title contains any of {a.workloads!r}")
     reps = a.reps or (1 if a.short else 3)
     work = tempfile.mkdtemp(prefix="bench.", dir=a.work)
     os.chmod(work, 0o755)
@@ -347,16 +361,13 @@ def main():
         os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://127.0.0.1:4317"
         time.sleep(3)
     try:
-        mounts.mount_all()
-        wl = workloads(a.short, a.runtime)
-        cpu_before = {n: cpu_seconds(p.pid) for n, p in mounts.procs.items()}
-        idle_rss = rss_kib(mounts.procs["ifs-none"].pid, "VmRSS")
-        idle_rss_all = rss_kib(mounts.procs["ifs-all"].pid, "VmRSS")
+        mounts.mount_all(configs)
+        idle_rss = {n: rss_kib(p.pid, "VmRSS") for n, p in mounts.procs.items()}
         for rep in range(reps):
             for title, fn, metric in wl:
                 if fn is None:
                     continue
-                for name, _ in CONFIGS:
+                for name, _ in configs:
                     if name not in APP_CONFIGS.get(title, [name]):
                         continue
                     print(f"[rep {rep + 1}/{reps}] {title}: {name}", file=sys.stderr, flush=True)
@@ -368,24 +379,8 @@ def main():
                     rows = [wl[i]] + list(itertools.takewhile(lambda w: w[1] is None, wl[i + 1:]))
                     for t2, _, m2 in rows:
                         results.setdefault(t2, {}).setdefault(name, []).append(r[m2])
-        # CPU per GiB moved: a dedicated sequential write+read of 1 GiB (256 MiB short) per config.
-        size = 256 if a.short else 1024
-        cpu = {}
-        for name, p in mounts.procs.items():
-            c0 = cpu_seconds(p.pid)
-            fio(mounts.paths[name], "cpu", ["--rw=write", "--bs=1M", f"--size={size}M", "--filename=cpu", "--end_fsync=1"])
-            fio(mounts.paths[name], "cpu", ["--rw=read", "--bs=1M", f"--size={size}M", "--filename=cpu"])
-            os.unlink(os.path.join(mounts.paths[name], "cpu"))
-            cpu[name] = (cpu_seconds(p.pid) - c0) / (2 * size / 1024)
-        extra = {
-            "daemon RSS idle, no layers (MiB)": idle_rss / 1024,
-            "daemon RSS idle, all layers (MiB)": idle_rss_all / 1024,
-            "daemon peak RSS under load, no layers (MiB)": rss_kib(mounts.procs["ifs-none"].pid, "VmHWM") / 1024,
-            "daemon peak RSS under load, all layers (MiB)": rss_kib(mounts.procs["ifs-all"].pid, "VmHWM") / 1024,
-            "mount latency, all layers (ms, median of 5)": mount_latency(work, 5),
-        }
-        for name, v in cpu.items():
-            extra[f"daemon CPU seconds per GiB moved, {name}"] = v
+        if a.workloads is None:
+            extra = daemon_figures(work, mounts, idle_rss, a.short)
     finally:
         mounts.unmount_all()
         if jaeger is not None:
@@ -395,14 +390,55 @@ def main():
             except subprocess.TimeoutExpired:
                 jaeger.kill()
         shutil.rmtree(work, ignore_errors=True)
+    return report(a, configs, wl, results, extra, reps)
 
-    names = [n for n, _ in CONFIGS]
+
+def selected_workloads(wl, words):
+    """The workloads whose title contains one of `words`, each with the rows it also measures
+    (a workload without a function is measured by the one before it)."""
+    if words is None:
+        return wl
+    words = [w.strip() for w in words.split(",") if w.strip()]
+    out = []
+    for i, w in enumerate(wl):
+        if w[1] is None:
+            continue
+        rows = [w] + list(itertools.takewhile(lambda x: x[1] is None, wl[i + 1:]))
+        if any(word in r[0] for r in rows for word in words):
+            out += rows
+    return out
+
+
+def daemon_figures(work, mounts, idle_rss, short):
+    """RSS idle and at peak, CPU per GiB moved, mount latency."""
+    # CPU per GiB moved: a dedicated sequential write+read of 1 GiB (256 MiB short) per config.
+    size = 256 if short else 1024
+    cpu = {}
+    for name, p in mounts.procs.items():
+        c0 = cpu_seconds(p.pid)
+        fio(mounts.paths[name], "cpu", ["--rw=write", "--bs=1M", f"--size={size}M", "--filename=cpu", "--end_fsync=1"])
+        fio(mounts.paths[name], "cpu", ["--rw=read", "--bs=1M", f"--size={size}M", "--filename=cpu"])
+        os.unlink(os.path.join(mounts.paths[name], "cpu"))
+        cpu[name] = (cpu_seconds(p.pid) - c0) / (2 * size / 1024)
+    extra = {}
+    for name, label in (("ifs-none", "no layers"), ("ifs-all", "all layers")):
+        if name in mounts.procs:
+            extra[f"daemon RSS idle, {label} (MiB)"] = idle_rss[name] / 1024
+            extra[f"daemon peak RSS under load, {label} (MiB)"] = rss_kib(mounts.procs[name].pid, "VmHWM") / 1024
+    extra["mount latency, all layers (ms, median of 5)"] = mount_latency(work, 5)
+    for name, v in cpu.items():
+        extra[f"daemon CPU seconds per GiB moved, {name}"] = v
+    return extra
+
+
+def report(a, configs, wl, results, extra, reps):
+    """Print the table and the figures, write the JSON; fail if a cell is missing."""
+    names = [n for n, _ in configs]
     table = {}
     for title, per in results.items():
         med = {n: statistics.median(v) for n, v in per.items()}
         table[title] = {n: {"median": med[n], "ratio": med[n] / med["native"] if med.get("native") else None,
                             "samples": per[n]} for n in med}
-    # Print the table.
     print(f"\nbench: {'short' if a.short else 'full'} mode, {reps} repetition(s), median; ratio to native in ()"
           + ("; spans exported to a local Jaeger" if a.jaeger else "; no collector listening (spans built, export fails)"))
     print("| workload | " + " | ".join(names) + " |")
@@ -412,7 +448,7 @@ def main():
         for n in names:
             c = row.get(n)
             cells.append("-" if c is None else f"{c['median']:.0f} ({c['ratio']:.2f})")
-        unit = next((m for t, _, m in workloads(a.short, a.runtime) if t == title), "")
+        unit = next((m for t, _, m in wl if t == title), "")
         print(f"| {title} [{unit}] | " + " | ".join(cells) + " |")
     print()
     for k, v in extra.items():
@@ -420,14 +456,14 @@ def main():
     machine = machine_facts()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
     doc = {"mode": "short" if a.short else "full", "repetitions": reps, "jaeger": bool(a.jaeger), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "configs": dict((n, o) for n, o in CONFIGS), "results": table, "extra": extra,
+           "configs": dict(configs), "results": table, "extra": extra,
            "machine": machine}
     if a.json:
         with open(a.json, "w") as f:
             json.dump(doc, f, indent=2)
         print(f"\nJSON written to {a.json}")
-    missing = [(t, n) for t, _, _ in workloads(a.short, a.runtime) for n in APP_CONFIGS.get(t, names)
-               if n not in table.get(t, {})]
+    missing = [(t, n) for t, _, _ in wl for n in names
+               if n in APP_CONFIGS.get(t, names) and n not in table.get(t, {})]
     if missing:
         print(f"incomplete: {missing}", file=sys.stderr)
         return 1
