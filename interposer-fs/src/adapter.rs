@@ -5,6 +5,7 @@
 //! `FsResult` into a reply. Nothing else in the crate touches fuser's reply types, which is what
 //! lets layers stay small.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -15,8 +16,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     BackingId, CopyFileRangeFlags, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::Mutex;
 
@@ -68,6 +69,12 @@ impl CacheConfig {
     }
 }
 
+thread_local! {
+    /// Each FUSE worker's buffer for READ replies: grown (and zeroed) once to the largest
+    /// read asked for (at most `max_read`, 1 MiB), not allocated and zeroed per request.
+    static READ_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
 /// The mounted filesystem: passthrough + layers, as fuser sees it.
 pub struct Interposer {
     fs: Arc<Passthrough>,
@@ -99,11 +106,17 @@ impl Measure for Entry {}
 impl Measure for i64 {}
 impl Measure for Xattr {}
 impl Measure for Vec<DirEntry> {}
-/// Data read.
-impl Measure for Vec<u8> {
+/// A READDIRPLUS reply filled.
+struct Listed;
+impl Measure for Listed {}
+/// A link target.
+impl Measure for Vec<u8> {}
+/// Bytes read into the worker's buffer.
+struct BytesRead(usize);
+impl Measure for BytesRead {
     fn outcome(&self) -> Outcome {
         Outcome {
-            bytes: self.len() as u64,
+            bytes: self.0 as u64,
             fh: None,
         }
     }
@@ -319,6 +332,15 @@ impl Filesystem for Interposer {
         // `Passthrough::write`); without this the kernel asks for `security.capability` before
         // every single write, which halves small-write throughput.
         let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
+        // Listings carry each entry's attributes (READDIRPLUS), so `ls -l`, `find` and a
+        // `grep -r` ask nothing per file before opening it. AUTO: the kernel asks for them on a
+        // directory's first batch and while lookups follow its listings, not for every
+        // batch of a huge directory read by name only. Useless when nothing may be cached.
+        if !self.cache.ttl.is_zero() {
+            let _ = config.add_capabilities(
+                InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO,
+            );
+        }
         if self.cache.writeback() {
             config
                 .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
@@ -577,10 +599,17 @@ impl Filesystem for Interposer {
             .info(Op::Read, req, ino.0, &resolve)
             .with_fh(fh.0)
             .with_range(offset, size as u64);
-        match self.run(&info, || self.fs.read(fh.0, offset, size)) {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(errno(e)),
-        }
+        READ_BUFFER.with_borrow_mut(|buf| {
+            let size = size as usize;
+            if buf.len() < size {
+                buf.resize(size, 0);
+            }
+            let buf = &mut buf[..size];
+            match self.run(&info, || self.fs.read(fh.0, offset, buf).map(BytesRead)) {
+                Ok(BytesRead(n)) => reply.data(&buf[..n]),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
     }
 
     fn write(
@@ -693,6 +722,77 @@ impl Filesystem for Interposer {
                 reply.ok()
             }
             Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    /// A listing with each entry's attributes. Every entry but `.` and `..` counts as a lookup
+    /// in the kernel, so it is remembered like one, and forgotten again if it does not make it
+    /// into the reply. Entries gone since the directory was read are left out.
+    fn readdirplus(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().path(ino.0), None);
+        let mut info = self.info(Op::Readdir, req, ino.0, &resolve).with_fh(fh.0);
+        info.offset = Some(offset);
+        let mut remembered = Vec::new();
+        let listed = self.run(&info, || {
+            let mut added = 0;
+            for e in self.fs.readdir(fh.0, offset)? {
+                let name = OsStr::from_bytes(&e.name);
+                let entry = if name == "." || name == ".." {
+                    None
+                } else {
+                    match self.fs.lookup_in(fh.0, ino.0, name) {
+                        Ok(entry) => Some(entry),
+                        Err(Errno::ENOENT) => continue,
+                        // The caller sees the error when it reaches this entry, not before.
+                        Err(_) if added > 0 => break,
+                        Err(err) => return Err(err),
+                    }
+                };
+                let attr = match &entry {
+                    Some(entry) => to_attr(entry.ino, &entry.attr),
+                    // The kernel takes nothing from these but the name and type.
+                    None => {
+                        let mut st = zeroed_stat();
+                        st.st_mode = libc::S_IFDIR;
+                        to_attr(e.ino, &st)
+                    }
+                };
+                let full = reply.add(
+                    INodeNo(attr.ino.0),
+                    e.offset,
+                    name,
+                    &self.cache.ttl,
+                    &attr,
+                    Generation(0),
+                );
+                if full {
+                    if let Some(entry) = entry {
+                        self.fs.forget(entry.ino, 1);
+                    }
+                    break;
+                }
+                if let Some(entry) = entry {
+                    remembered.push(entry.ino);
+                }
+                added += 1;
+            }
+            Ok(Listed)
+        });
+        match listed {
+            Ok(_) => reply.ok(),
+            Err(e) => {
+                for id in remembered {
+                    self.fs.forget(id, 1);
+                }
+                reply.error(errno(e))
+            }
         }
     }
 

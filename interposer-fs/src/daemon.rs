@@ -202,6 +202,10 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
             "SOURCE's filesystem has no file handles: each known inode will hold a descriptor"
         );
     }
+    if let Some(m) = &metrics {
+        let p = passthrough.clone();
+        m.count_inodes_with(move || p.inodes().len());
+    }
     let fs = Interposer::new(
         passthrough.clone(),
         Stack::new(layers),

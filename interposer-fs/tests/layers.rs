@@ -152,6 +152,79 @@ fn a_sequential_read_reaches_the_daemon_in_one_mib_requests() {
     );
 }
 
+#[test]
+fn a_listing_carries_each_entrys_attributes_and_every_entry_is_forgotten_again() {
+    let v = Volume::start(&["layers=metrics", "metrics.address=127.0.0.1:0"]);
+    fs::create_dir(v.source_path("d")).unwrap();
+    for i in 0..50 {
+        fs::write(v.source_path(&format!("d/f{i:02}")), format!("{i}")).unwrap();
+    }
+    let names: Vec<_> = fs::read_dir(v.path("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 50);
+    let listed = Command::new("ls")
+        .env("LC_ALL", "C")
+        .arg("-a")
+        .arg(v.path("d"))
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    assert!(listed.lines().take(2).eq([".", ".."]), "{listed}");
+    // `ls -l`, `find` and `grep -r` stat or open what they listed: no LOOKUP per file.
+    let lookups = operations(&v, "lookup");
+    for name in &names {
+        let path = v.path("d").join(name);
+        let i: usize = name.to_string_lossy()[1..].parse().unwrap();
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            format!("{i}").len() as u64
+        );
+        assert_eq!(fs::read_to_string(&path).unwrap(), format!("{i}"));
+    }
+    assert_eq!(
+        operations(&v, "lookup") - lookups,
+        0.0,
+        "lookups after a listing"
+    );
+    // Each listed entry counted as one kernel reference: all are let go when the kernel drops
+    // its dentries (a count too low would have failed the opens above; too high stays here).
+    assert_eq!(inodes(&v), 52.0, "root, d and its 50 files");
+    // A listing longer than one reply: the entry that did not fit is let go at once.
+    fs::create_dir(v.source_path("big")).unwrap();
+    for i in 0..600 {
+        fs::write(
+            v.source_path(&format!("big/a-longer-file-name-{i:03}")),
+            b"",
+        )
+        .unwrap();
+    }
+    assert_eq!(fs::read_dir(v.path("big")).unwrap().count(), 600);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        if inodes(&v) == 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} inodes still known",
+            inodes(&v)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `interposer_inodes`: what the daemon holds for the kernel.
+fn inodes(v: &Volume) -> f64 {
+    http_get(&v.metrics_url())
+        .lines()
+        .find(|l| l.starts_with("interposer_inodes{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(-1.0)
+}
+
 /// Operations `op` counted by the metrics layer, whatever their result.
 fn operations(v: &Volume, op: &str) -> f64 {
     let label = format!(r#"op="{op}""#);

@@ -209,6 +209,13 @@ impl Passthrough {
         self.enter(parent, dir.as_fd(), name)
     }
 
+    /// `lookup` of `name` in the open directory `fh` of node `parent` (for listings that carry
+    /// each entry's attributes).
+    pub fn lookup_in(&self, fh: u64, parent: u64, name: &OsStr) -> FsResult<Entry> {
+        let dir = self.fd_of(fh)?;
+        self.enter(parent, dir.fd.as_fd(), name)
+    }
+
     pub fn forget(&self, ino: u64, n: u64) {
         self.inodes.forget(ino, n);
     }
@@ -465,12 +472,9 @@ impl Passthrough {
         self.fd_of(fh)
     }
 
-    pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        let f = self.fd_of(fh)?;
-        let mut buf = vec![0u8; size as usize];
-        let n = sys::pread(f.fd.as_fd(), &mut buf, offset)?;
-        buf.truncate(n);
-        Ok(buf)
+    /// Read into `buf` from `offset`; the bytes read (fewer only at the end of the file).
+    pub fn read(&self, fh: u64, offset: u64, buf: &mut [u8]) -> FsResult<usize> {
+        sys::pread(self.fd_of(fh)?.fd.as_fd(), buf, offset)
     }
 
     /// Write `data`. `kill_suidgid` is the kernel's request (FUSE_WRITE_KILL_SUIDGID) to drop

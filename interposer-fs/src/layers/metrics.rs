@@ -6,12 +6,13 @@
 //! say which volume (and, when known, which PVC and namespace) a series belongs to.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
@@ -57,6 +58,9 @@ pub struct Metrics {
     write_bytes: Counter,
     faults: Family<FaultLabels, Counter>,
     throttle_wait: Family<DirectionLabels, Counter<f64>>,
+    inodes: Gauge,
+    /// Counts the inodes the kernel holds, read at each scrape.
+    inode_count: OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
 }
 
 impl Metrics {
@@ -76,6 +80,7 @@ impl Metrics {
         let write_bytes = Counter::default();
         let faults = Family::<FaultLabels, Counter>::default();
         let throttle_wait = Family::<DirectionLabels, Counter<f64>>::default();
+        let inodes = Gauge::default();
         registry.register(
             "operations",
             "Filesystem operations by operation and result (ok or errno name)",
@@ -110,6 +115,11 @@ impl Metrics {
             Unit::Seconds,
             throttle_wait.clone(),
         );
+        registry.register(
+            "inodes",
+            "Files and directories the kernel holds a reference to (each costs daemon memory)",
+            inodes.clone(),
+        );
         Arc::new(Metrics {
             registry,
             operations,
@@ -118,11 +128,21 @@ impl Metrics {
             write_bytes,
             faults,
             throttle_wait,
+            inodes,
+            inode_count: OnceLock::new(),
         })
+    }
+
+    /// Where `interposer_inodes` comes from (set once, when the filesystem exists).
+    pub fn count_inodes_with(&self, count: impl Fn() -> usize + Send + Sync + 'static) {
+        let _ = self.inode_count.set(Box::new(count));
     }
 
     /// The OpenMetrics text exposition of every series.
     pub fn encode(&self) -> String {
+        if let Some(count) = self.inode_count.get() {
+            self.inodes.set(count() as i64);
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
