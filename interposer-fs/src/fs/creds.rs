@@ -7,10 +7,40 @@
 //! glibc's `setgroups`, do not broadcast to other threads), and a guard puts root back when the
 //! call ends. Objects are always located (opened by handle) *before* switching, as root, since
 //! `open_by_handle_at` needs CAP_DAC_READ_SEARCH, which a non-zero fsuid drops.
+//!
+//! FUSE sends no supplementary groups; they are read from `/proc` and reused for a second (see
+//! [`GROUPS_TTL`]).
 
+use std::collections::HashMap;
 use std::io;
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use crate::fs::op::Caller;
+
+/// How long a caller's supplementary groups are reused before `/proc` is read again. A read
+/// costs ~10 µs, a third of the daemon's work for a small operation by a non-root caller. The
+/// kernel has already checked the caller's access with its real credentials
+/// (`default_permissions`, always on); the groups here only make the backing filesystem agree,
+/// so groups changed in place (same thread, uid and gid) that reach it up to a second late
+/// change no access decision.
+pub const GROUPS_TTL: Duration = Duration::from_secs(1);
+
+/// Callers whose groups are remembered, at most (then the cache starts over).
+const GROUPS_CACHE_MAX: usize = 4096;
+
+struct KnownGroups {
+    groups: Arc<[u32]>,
+    read_at: Instant,
+}
+
+/// Thread id, uid and gid of a caller.
+type CallerKey = (u32, u32, u32);
+
+static GROUPS: LazyLock<Mutex<HashMap<CallerKey, KnownGroups>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
 
 /// While alive, the current thread acts as the caller. Dropping it restores root.
 pub struct AsCaller {
@@ -23,7 +53,7 @@ impl AsCaller {
         if caller.uid == 0 && caller.gid == 0 {
             return Ok(AsCaller { switched: false });
         }
-        let groups = supplementary_groups(caller.pid).unwrap_or_else(|| vec![caller.gid]);
+        let groups = groups_of(caller);
         // Order matters: groups and gid first, uid last (dropping uid 0 drops the capabilities
         // needed for nothing here, but keep the conventional order).
         set_groups(&groups)?;
@@ -75,6 +105,33 @@ fn set_groups(groups: &[u32]) -> io::Result<()> {
     }
 }
 
+/// The caller's supplementary groups: remembered for [`GROUPS_TTL`] by thread, uid and gid;
+/// just its gid when they cannot be read (the thread is gone).
+fn groups_of(caller: Caller) -> Arc<[u32]> {
+    let key = (caller.pid, caller.uid, caller.gid);
+    if let Some(known) = GROUPS.lock().get(&key) {
+        if known.read_at.elapsed() < GROUPS_TTL {
+            return known.groups.clone();
+        }
+    }
+    let Some(groups) = supplementary_groups(caller.pid) else {
+        return Arc::from([caller.gid]);
+    };
+    let groups: Arc<[u32]> = groups.into();
+    let mut cache = GROUPS.lock();
+    if cache.len() >= GROUPS_CACHE_MAX {
+        cache.clear();
+    }
+    cache.insert(
+        key,
+        KnownGroups {
+            groups: groups.clone(),
+            read_at: Instant::now(),
+        },
+    );
+    groups
+}
+
 /// The supplementary groups of `pid`, from `/proc/<pid>/status`. FUSE only sends uid and gid,
 /// so this is the one way to apply group membership exactly as the kernel sees it.
 fn supplementary_groups(pid: u32) -> Option<Vec<u32>> {
@@ -107,5 +164,23 @@ mod tests {
         kernel.sort_unstable();
         assert_eq!(from_proc, kernel);
         assert!(supplementary_groups(0).is_none());
+    }
+
+    #[test]
+    fn groups_are_read_once_per_caller_and_second() {
+        let me = Caller {
+            pid: std::process::id(),
+            uid: 12345,
+            gid: 54321,
+        };
+        let first = groups_of(me);
+        assert!(Arc::ptr_eq(&first, &groups_of(me)), "reused within the TTL");
+        let other = Caller { uid: 12346, ..me };
+        assert!(
+            !Arc::ptr_eq(&first, &groups_of(other)),
+            "another uid reads again"
+        );
+        let gone = Caller { pid: 0, ..me };
+        assert_eq!(&*groups_of(gone), &[54321], "unreadable: the gid alone");
     }
 }
