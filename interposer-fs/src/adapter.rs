@@ -22,7 +22,7 @@ use fuser::{
 use parking_lot::Mutex;
 
 use crate::fs::errno::{Errno, FsResult};
-use crate::fs::op::{Caller, Op, OpInfo, Outcome};
+use crate::fs::op::{Caller, Op, OpInfo, OpSet, Outcome};
 use crate::fs::passthrough::{DirEntry, Entry, Passthrough, SetAttrs, SetTime, Xattr};
 use crate::layers::Stack;
 use crate::params::PageCache;
@@ -82,11 +82,15 @@ pub struct Interposer {
     cache: CacheConfig,
     /// Kernel FUSE passthrough for read/write of regular files (opt-in).
     kernel_passthrough: bool,
-    /// Whether FLUSH (each close()) must reach the daemon: only when a fault targets it.
-    /// Otherwise the first FLUSH answers ENOSYS and the kernel stops sending it, saving a
-    /// round trip per close: we hold no dirty data (with the writeback cache the kernel writes
-    /// its cached pages back, and reports their errors, before it would send FLUSH).
-    keep_flush: bool,
+    /// Operations a fault may hit (empty without the fault layer, or with faults that do
+    /// nothing). The kernel is asked to send them even where it could do without:
+    /// - FLUSH (each close()): otherwise the first FLUSH answers ENOSYS and the kernel stops
+    ///   sending it, saving a round trip per close: we hold no dirty data (with the writeback
+    ///   cache the kernel writes its cached pages back, and reports their errors, before it
+    ///   would send FLUSH).
+    /// - LOOKUP: otherwise listings carry attributes (READDIRPLUS) and a listed name needs no
+    ///   LOOKUP before it is opened.
+    faulted: OpSet,
     /// Backing ids must be shared by all open handles of an inode: node → live id.
     backing_by_ino: Mutex<HashMap<u64, Weak<BackingId>>>,
     /// Keeps each handle's backing id alive until release.
@@ -221,14 +225,14 @@ impl Interposer {
         stack: Stack,
         cache: CacheConfig,
         kernel_passthrough: bool,
-        keep_flush: bool,
+        faulted: OpSet,
     ) -> Self {
         Interposer {
             fs,
             stack,
             cache,
             kernel_passthrough,
-            keep_flush,
+            faulted,
             backing_by_ino: Mutex::new(HashMap::new()),
             backing_by_fh: Mutex::new(HashMap::new()),
         }
@@ -336,7 +340,7 @@ impl Filesystem for Interposer {
         // `grep -r` ask nothing per file before opening it. AUTO: the kernel asks for them on a
         // directory's first batch and while lookups follow its listings, not for every
         // batch of a huge directory read by name only. Useless when nothing may be cached.
-        if !self.cache.ttl.is_zero() {
+        if !self.cache.ttl.is_zero() && !self.faulted.contains(Op::Lookup) {
             let _ = config.add_capabilities(
                 InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO,
             );
@@ -644,7 +648,7 @@ impl Filesystem for Interposer {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        if !self.keep_flush {
+        if !self.faulted.contains(Op::Flush) {
             reply.error(fuser::Errno::ENOSYS);
             return;
         }

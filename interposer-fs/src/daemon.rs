@@ -14,6 +14,7 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 
 use crate::adapter::{CacheConfig, Interposer};
 use crate::config::DaemonConfig;
+use crate::fs::op::OpSet;
 use crate::fs::passthrough::Passthrough;
 use crate::layers::fault::FaultLayer;
 use crate::layers::metrics::{Metrics, MetricsLayer};
@@ -214,9 +215,12 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
             page_cache: p.page_cache,
         },
         c.kernel_passthrough,
-        p.has_layer(LayerKind::Fault)
-            && p.fault.ops.contains(crate::fs::op::Op::Flush)
-            && (p.fault.probability > 0.0 || !p.fault.delay.is_zero()),
+        if p.has_layer(LayerKind::Fault) && (p.fault.probability > 0.0 || !p.fault.delay.is_zero())
+        {
+            p.fault.ops
+        } else {
+            OpSet::empty()
+        },
     );
     Ok(Prepared {
         fs,

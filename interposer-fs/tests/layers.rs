@@ -310,6 +310,28 @@ fn an_absent_name_is_asked_for_once_and_creating_it_shows_at_once() {
 }
 
 #[test]
+fn a_lookup_fault_hits_names_a_listing_showed() {
+    let v = Volume::start(&[
+        "layers=fault",
+        "fault.ops=lookup",
+        "fault.paths=*.log",
+        "fault.errno=ENOENT",
+        "fault.probability=1",
+    ]);
+    fs::create_dir(v.source_path("d")).unwrap();
+    for name in ["a.log", "a.txt"] {
+        fs::write(v.source_path(&format!("d/{name}")), b"x").unwrap();
+    }
+    assert_eq!(fs::read_dir(v.path("d")).unwrap().count(), 2);
+    // A listing with attributes would have told the kernel about a.log without a LOOKUP.
+    assert_eq!(
+        fs::metadata(v.path("d/a.log")).unwrap_err().raw_os_error(),
+        Some(libc::ENOENT)
+    );
+    assert_eq!(fs::read(v.path("d/a.txt")).unwrap(), b"x");
+}
+
+#[test]
 fn an_injected_enoent_is_not_remembered_by_the_kernel() {
     let control = tempfile::NamedTempFile::new().unwrap();
     let ctl = format!("control={}", control.path().display());
