@@ -231,21 +231,23 @@ def workloads(short, runtime=None):
             shutil.rmtree(sock, ignore_errors=True)
         return {"TPS": tps}
 
-    def metadata(d):
+    def metabench(d, uid=0):
         md = tempfile.mkdtemp(prefix="meta.", dir=d)  # a fresh name: see spread_directories
-        r = json.loads(sh([METABENCH, md, str(nfiles)]).stdout)
+        os.chown(md, uid, uid)
+        as_user = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"] if uid else []
+        r = json.loads(sh(as_user + [METABENCH, md, str(nfiles)]).stdout)
         os.rmdir(md)
+        return r
+
+    def metadata(d):
+        r = metabench(d)
         return {"create/s": r["create"], "stat/s": r["stat"], "unlink/s": r["unlink"],
                 "getxattr/s": r["getxattr"]}
 
     def metadata_unprivileged(d):
         """The same as a pod's usual non-root user: the daemon then creates and removes with
         the caller's credentials (uid, gid, supplementary groups), which root callers skip."""
-        md = tempfile.mkdtemp(prefix="meta.", dir=d)
-        os.chown(md, 65534, 65534)
-        r = json.loads(sh(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                           METABENCH, md, str(nfiles)]).stdout)
-        os.rmdir(md)
+        r = metabench(d, uid=65534)
         return {"create/s": r["create"], "unlink/s": r["unlink"]}
 
     return [

@@ -16,7 +16,7 @@ use crate::adapter::{CacheConfig, Interposer};
 use crate::config::DaemonConfig;
 use crate::fs::op::OpSet;
 use crate::fs::passthrough::Passthrough;
-use crate::layers::fault::FaultLayer;
+use crate::layers::fault::{self, FaultLayer};
 use crate::layers::metrics::{Metrics, MetricsLayer};
 use crate::layers::throttle::ThrottleLayer;
 use crate::layers::trace::{LiveAttributes, TraceLayer};
@@ -215,8 +215,7 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
             page_cache: p.page_cache,
         },
         c.kernel_passthrough,
-        if p.has_layer(LayerKind::Fault) && (p.fault.probability > 0.0 || !p.fault.delay.is_zero())
-        {
+        if p.has_layer(LayerKind::Fault) && fault::injects(&p.fault) {
             p.fault.ops
         } else {
             OpSet::empty()

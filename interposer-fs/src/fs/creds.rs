@@ -26,7 +26,7 @@ use crate::fs::op::Caller;
 /// (`default_permissions`, always on); the groups here only make the backing filesystem agree,
 /// so groups changed in place (same thread, uid and gid) that reach it up to a second late
 /// change no access decision.
-pub const GROUPS_TTL: Duration = Duration::from_secs(1);
+const GROUPS_TTL: Duration = Duration::from_secs(1);
 
 /// Callers whose groups are remembered, at most (then the cache starts over).
 const GROUPS_CACHE_MAX: usize = 4096;

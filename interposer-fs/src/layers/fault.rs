@@ -78,7 +78,7 @@ impl FaultLayer {
 }
 
 /// Whether settings can fail or delay anything at all.
-fn injects(p: &FaultParams) -> bool {
+pub fn injects(p: &FaultParams) -> bool {
     p.probability > 0.0 || (!p.delay.is_zero() && p.delay_probability > 0.0)
 }
 
