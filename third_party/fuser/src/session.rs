@@ -139,6 +139,8 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// Payload size of io_uring entries, when the kernel took FUSE over io_uring at INIT.
+    pub(crate) uring_payload: Option<usize>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -186,6 +188,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            uring_payload: None,
         };
 
         session.handshake()?;
@@ -214,6 +217,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            uring_payload: None,
         };
 
         session.handshake()?;
@@ -252,9 +256,15 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
+            uring_payload,
         } = self;
 
-        let n_threads = config.n_threads.unwrap_or(1);
+        // Over io_uring, /dev/fuse carries only forgets and interrupts: one thread serves it.
+        let n_threads = if uring_payload.is_some() {
+            1
+        } else {
+            config.n_threads.unwrap_or(1)
+        };
 
         if !cfg!(target_os = "linux") && n_threads != 1 {
             // TODO: check whether it works on macOS/FreeBSD and enable if it works.
@@ -270,6 +280,7 @@ impl<FS: Filesystem> Session<FS> {
         let mut filesystem = Arc::new(filesystem);
 
         let mut channels = Vec::with_capacity(n_threads);
+        let device = ch.clone();
 
         for _ in 0..n_threads_minus_one {
             if config.clone_fd {
@@ -304,6 +315,25 @@ impl<FS: Filesystem> Session<FS> {
                     .name(thread_name)
                     .spawn(move || event_loop.event_loop())?,
             );
+        }
+
+        if let Some(payload) = uring_payload {
+            for qid in 0..crate::uring::possible_cpus()? {
+                for t in 0..config.io_uring_queue_threads {
+                    let thread_name = format!("fuser-q{qid}-{t}");
+                    let event_loop = SessionEventLoop {
+                        thread_name: thread_name.clone(),
+                        filesystem: filesystem.clone(),
+                        ch: device.clone(),
+                        allowed,
+                        session_owner,
+                    };
+                    let device = device.sender();
+                    threads.push(thread::Builder::new().name(thread_name).spawn(move || {
+                        crate::uring::run_queue(event_loop, device, qid, payload)
+                    })?);
+                }
+            }
         }
 
         let mut reply: io::Result<()> = Ok(());
@@ -429,6 +459,19 @@ impl<FS: Filesystem> Session<FS> {
                 return Err(error);
             }
 
+            if self.config.io_uring_queue_threads > 0 {
+                match config.add_capabilities(InitFlags::FUSE_OVER_IO_URING) {
+                    Ok(()) => {
+                        self.uring_payload =
+                            Some(crate::uring::payload_size(config.max_write, config.max_pages()));
+                    }
+                    Err(_) => info!(
+                        "FUSE over io_uring not offered by the kernel (the fuse module's \
+                         enable_uring); serving /dev/fuse only"
+                    ),
+                }
+            }
+
             // Remember the ABI version supported by kernel and mark the session initialized.
             self.proto_version = Some(v);
 
@@ -475,6 +518,11 @@ impl<FS: Filesystem> Session<FS> {
 
             return Ok(());
         }
+    }
+
+    /// Whether requests are served over FUSE io_uring (taken at INIT); `/dev/fuse` otherwise.
+    pub fn io_uring(&self) -> bool {
+        self.uring_payload.is_some()
     }
 
     /// Unmount the filesystem
@@ -530,7 +578,7 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
             // Read the next request from the given channel to kernel driver
             // The kernel driver makes sure that we get exactly one request per read
             match self.ch.receive_retrying(buf) {
-                Ok(size) => match RequestWithSender::new(self.ch.sender(), &buf[..size]) {
+                Ok(size) => match RequestWithSender::new(ReplySender::Channel(self.ch.sender()), &buf[..size]) {
                     // Dispatch request
                     Some(req) => {
                         if let Ok(Operation::Destroy(_)) = req.request.operation() {

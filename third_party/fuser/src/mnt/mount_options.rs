@@ -18,6 +18,10 @@ pub struct Config {
     /// This enables more efficient request processing
     /// when multiple threads are used. Requires Linux 4.5+.
     pub clone_fd: bool,
+    /// Serve requests over FUSE io_uring with this many threads per CPU queue, if the kernel
+    /// offers it (the `fuse` module's `enable_uring`); 0 keeps `/dev/fuse` only. Added for
+    /// csi-interposer, see PATCHES.md.
+    pub io_uring_queue_threads: usize,
 }
 
 /// Mount options accepted by the FUSE filesystem type
