@@ -10,6 +10,7 @@ CHART_COMBOS=(
   "chaos-throttled:--set storageClasses.chaos.enabled=true --set storageClasses.throttled.enabled=true"
   "external-collector:--set jaeger.enabled=false --set tracing.otlpEndpoint=http://otel-collector.monitoring:4317"
   "servicemonitor-no-dashboard:--set metrics.serviceMonitor.enabled=true --set grafana.dashboard.enabled=false"
+  "fuse-uring:--set node.fuseUring=true"
   "stacked-central-controller:--set controller.enabled=true --set storageClasses.stacked.enabled=true --set storageClasses.stacked.backingStorageClass=standard"
 )
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Data integrity: fsx (checks every byte against a model) with every operation enabled, 100,000
-# operations natively and through interposer-fs mounts with all four layers on, with the default
-# page cache and with the writeback cache.
+# operations natively and through interposer-fs mounts with all four layers on: over FUSE
+# io_uring with the default page cache and with the writeback cache, and over /dev/fuse.
 source "$(dirname "$0")/lib.sh"
 require_root
 OPS=${FSX_OPS:-100000}
 SEED=${FSX_SEED:-20261126}
+enable_fuse_uring
 
 work=$(mktemp -d /var/tmp/fsx.XXXXXX)
 trap 'cleanup; rm -rf "$work"' EXIT
@@ -47,14 +48,19 @@ log "fsx: $OPS operations, seed $SEED, natively"
 run_fsx "$work/native/file" "$work/native.log" || die "fsx failed on the native directory"
 layers=(-o layers=trace,metrics,fault,throttle -o fault.probability=0
         -o throttle.readBytesPerSecond=100Gi -o throttle.writeBytesPerSecond=100Gi)
-for cache in keep writeback; do
-  mkdir -p "$work/source-$cache" "$work/mnt-$cache"
-  mount_volume "$work/source-$cache" "$work/mnt-$cache" "$work/daemon-$cache.log" \
-    "${layers[@]}" -o pageCache=$cache
-  log "fsx: $OPS operations, seed $SEED, through interposer-fs (all four layers, pageCache=$cache)"
-  run_fsx "$work/mnt-$cache/file" "$work/mount-$cache.log" \
-    || die "fsx failed through interposer-fs with pageCache=$cache"
-  cmp "$work/mnt-$cache/file" "$work/source-$cache/file" \
-    || die "the file differs between mount and SOURCE with pageCache=$cache"
+for variant in keep writeback dev-fuse; do
+  case $variant in
+    dev-fuse) cache=keep transport=/dev/fuse uring=off ;;
+    *) cache=$variant transport=io_uring uring=on ;;
+  esac
+  mkdir -p "$work/source-$variant" "$work/mnt-$variant"
+  mount_volume "$work/source-$variant" "$work/mnt-$variant" "$work/daemon-$variant.log" \
+    "${layers[@]}" -o pageCache=$cache -o uring=$uring
+  expect_transport "$work/daemon-$variant.log" "$transport"
+  log "fsx: $OPS operations, seed $SEED, through interposer-fs (all four layers, pageCache=$cache, over $transport)"
+  run_fsx "$work/mnt-$variant/file" "$work/mount-$variant.log" \
+    || die "fsx failed through interposer-fs with pageCache=$cache over $transport"
+  cmp "$work/mnt-$variant/file" "$work/source-$variant/file" \
+    || die "the file differs between mount and SOURCE with pageCache=$cache over $transport"
 done
-echo "fsx: $OPS operations with every operation enabled completed natively and through interposer-fs (pageCache keep and writeback)"
+echo "fsx: $OPS operations with every operation enabled completed natively and through interposer-fs (pageCache keep and writeback over io_uring, and over /dev/fuse)"

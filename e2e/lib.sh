@@ -24,6 +24,32 @@ build_release() {
   (cd "$REPO_DIR" && cargo build --release --locked --workspace --quiet)
 }
 
+# Volumes are served over FUSE io_uring when the kernel offers it, which takes the fuse module's
+# enable_uring switch (off by default; Linux 6.14+). The suites turn it on so that they cover
+# the transport a node with the switch on uses; variants with `-o uring=off` cover /dev/fuse.
+enable_fuse_uring() {
+  local p=/sys/module/fuse/parameters/enable_uring
+  [ -w "$p" ] || die "$p is missing: FUSE over io_uring needs Linux 6.14+ built with CONFIG_FUSE_IO_URING"
+  echo Y >"$p"
+}
+
+# expect_transport LOG WANT: the daemon's "serving" line says it serves over WANT (io_uring or
+# /dev/fuse), so a silent fallback cannot pass for the other transport.
+expect_transport() {
+  local logf=$1 want=$2 line
+  for _ in $(seq 1 100); do
+    line=$(grep -m1 '^interposer-fs: serving' "$logf" || true)
+    if [ -n "$line" ]; then
+      case "$line" in *"over $want "*) return 0 ;; esac
+      cat "$logf" >&2
+      die "expected the daemon to serve over $want"
+    fi
+    sleep 0.05
+  done
+  cat "$logf" >&2
+  die "no \"serving\" line in $logf"
+}
+
 _MOUNTS=()
 _PIDS=()
 

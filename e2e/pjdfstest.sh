@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # POSIX conformance: pjdfstest on a native directory and through interposer-fs mounts with all
-# four layers on (fault probability 0, throttle limits high), with the default page cache and
-# with the writeback cache, in the same run, then compared.
+# four layers on (fault probability 0, throttle limits high): over FUSE io_uring with the default
+# page cache and with the writeback cache, and over /dev/fuse, in the same run, then compared.
 #
 # Pass: 0 failures through the mount, and every test that passes natively passes through the
 # mount, except tests pjdfstest itself skips on any FUSE mount (listed below with the reason).
 source "$(dirname "$0")/lib.sh"
 require_root
 trap cleanup EXIT
+enable_fuse_uring
 
 # link::link_count_max needs pathconf(_PC_LINK_MAX); glibc answers it from statfs' f_type, and
 # for FUSE (any FUSE filesystem) it returns the "unknown" 127, so pjdfstest skips the test.
@@ -40,26 +41,31 @@ log "pjdfstest on the native directory"
 native_summary=$(run_suite "$work/native" "$work/native.log")
 echo "native: $native_summary"
 passed() { grep -E '\s+ok$' "$1" | awk '{print $1}' | sort; }
-for cache in keep writeback; do
-  mkdir -p "$work/source-$cache" "$work/mnt-$cache"
-  mount_volume "$work/source-$cache" "$work/mnt-$cache" "$work/daemon-$cache.log" \
+for variant in keep writeback dev-fuse; do
+  case $variant in
+    dev-fuse) cache=keep transport=/dev/fuse uring=off ;;
+    *) cache=$variant transport=io_uring uring=on ;;
+  esac
+  mkdir -p "$work/source-$variant" "$work/mnt-$variant"
+  mount_volume "$work/source-$variant" "$work/mnt-$variant" "$work/daemon-$variant.log" \
     -o layers=trace,metrics,fault,throttle -o fault.probability=0 \
     -o throttle.readBytesPerSecond=100Gi -o throttle.writeBytesPerSecond=100Gi \
     -o throttle.readIOPS=10000000 -o throttle.writeIOPS=10000000 \
-    -o metrics.address=127.0.0.1:0 -o pageCache=$cache
-  log "pjdfstest through interposer-fs (trace,metrics,fault,throttle; pageCache=$cache)"
-  mount_log="$work/mount-$cache.log"
-  mount_summary=$(run_suite "$work/mnt-$cache" "$mount_log")
-  echo "interposer ($cache): $mount_summary"
+    -o metrics.address=127.0.0.1:0 -o pageCache=$cache -o uring=$uring
+  expect_transport "$work/daemon-$variant.log" "$transport"
+  log "pjdfstest through interposer-fs (trace,metrics,fault,throttle; pageCache=$cache, over $transport)"
+  mount_log="$work/mount-$variant.log"
+  mount_summary=$(run_suite "$work/mnt-$variant" "$mount_log")
+  echo "interposer ($cache, over $transport): $mount_summary"
   failures=$(echo "$mount_summary" | sed -E 's/^Summary: ([0-9]+) failed.*/\1/')
   lost=$(comm -23 <(passed "$work/native.log") <(passed "$mount_log") | grep -vxF "$FUSE_STRUCTURAL_SKIPS" || true)
   if [ "$failures" != 0 ]; then
     grep -E 'FAILED|failed' "$mount_log" | grep -v '^Summary' | head -50
-    die "pjdfstest: $failures failures through interposer-fs with pageCache=$cache"
+    die "pjdfstest: $failures failures through interposer-fs with pageCache=$cache over $transport"
   fi
   if [ -n "$lost" ]; then
-    echo "passed natively but not through interposer-fs (pageCache=$cache):"; echo "$lost"
-    die "pjdfstest: interposer-fs (pageCache=$cache) passes fewer tests than the native directory"
+    echo "passed natively but not through interposer-fs (pageCache=$cache, over $transport):"; echo "$lost"
+    die "pjdfstest: interposer-fs (pageCache=$cache, over $transport) passes fewer tests than the native directory"
   fi
 done
-echo "pjdfstest: 0 failures through interposer-fs with pageCache keep and writeback; every natively passing test passes (structural FUSE skip: $FUSE_STRUCTURAL_SKIPS)"
+echo "pjdfstest: 0 failures through interposer-fs with pageCache keep and writeback over io_uring, and over /dev/fuse; every natively passing test passes (structural FUSE skip: $FUSE_STRUCTURAL_SKIPS)"

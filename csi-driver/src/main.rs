@@ -65,6 +65,12 @@ struct Cli {
     /// which holds no data of its own.
     #[arg(long)]
     stacked_only: bool,
+    /// Turn on the kernel's FUSE over io_uring switch (fuse module parameter enable_uring) at
+    /// start, so volume daemons started here serve over io_uring (Linux 6.14+): about twice the
+    /// metadata rate, at two daemon threads per CPU per volume. If that fails, volumes use
+    /// /dev/fuse and the reason is logged.
+    #[arg(long)]
+    enable_fuse_uring: bool,
     /// OTLP/gRPC collector for the volumes' spans (sets OTEL_EXPORTER_OTLP_ENDPOINT for daemons).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
@@ -105,6 +111,15 @@ async fn main() -> anyhow::Result<()> {
         stacked_only: cli.stacked_only,
     })
     .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if cli.mode != Mode::Controller && cli.enable_fuse_uring {
+        match interposer_fs::mount::enable_uring() {
+            Ok(()) => log::info!("FUSE over io_uring on: volumes staged here use it"),
+            Err(e) => log::warn!(
+                "cannot turn on FUSE over io_uring ({}): {e}; volumes use /dev/fuse",
+                interposer_fs::mount::URING_SWITCH
+            ),
+        }
+    }
     if cli.mode != Mode::Controller {
         let d = driver.clone();
         let (adopted, repaired) = tokio::task::spawn_blocking(move || d.recover())

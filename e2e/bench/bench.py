@@ -29,19 +29,25 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IFS = os.path.join(REPO, "target", "release", "interposer-fs")
 
-# name -> interposer-fs options (None: native; "bindfs": bindfs)
+# name -> interposer-fs options (None: native; "bindfs": bindfs). Each names its transport:
+# /dev/fuse (uring=off), or FUSE over io_uring (uring=on; the benchmark turns on the kernel's
+# switch), so a row never depends on how the machine was left.
+LAYERS_ALL = ["layers=trace,metrics,fault,throttle", "fault.probability=0",
+              "throttle.readBytesPerSecond=1000Gi", "throttle.writeBytesPerSecond=1000Gi"]
 CONFIGS = [
     ("native", None),
     ("bindfs", "bindfs"),
-    ("ifs-none", ["layers="]),
-    ("ifs-trace", ["layers=trace"]),
-    ("ifs-metrics", ["layers=metrics"]),
-    ("ifs-fault", ["layers=fault", "fault.probability=0"]),
-    ("ifs-throttle", ["layers=throttle", "throttle.readBytesPerSecond=1000Gi", "throttle.writeBytesPerSecond=1000Gi"]),
-    ("ifs-all", ["layers=trace,metrics,fault,throttle", "fault.probability=0",
-                 "throttle.readBytesPerSecond=1000Gi", "throttle.writeBytesPerSecond=1000Gi"]),
-    ("ifs-kpassthrough", ["layers=", "kernelPassthrough=true"]),
-    ("ifs-writeback", ["layers=", "pageCache=writeback"]),
+    ("ifs-none", ["layers=", "uring=off"]),
+    ("ifs-trace", ["layers=trace", "uring=off"]),
+    ("ifs-metrics", ["layers=metrics", "uring=off"]),
+    ("ifs-fault", ["layers=fault", "fault.probability=0", "uring=off"]),
+    ("ifs-throttle", ["layers=throttle", "throttle.readBytesPerSecond=1000Gi",
+                      "throttle.writeBytesPerSecond=1000Gi", "uring=off"]),
+    ("ifs-all", LAYERS_ALL + ["uring=off"]),
+    ("ifs-uring", ["layers=", "uring=on"]),
+    ("ifs-all-uring", LAYERS_ALL + ["uring=on"]),
+    ("ifs-kpassthrough", ["layers=", "kernelPassthrough=true", "uring=off"]),
+    ("ifs-writeback", ["layers=", "pageCache=writeback", "uring=off"]),
 ]
 
 
@@ -98,9 +104,18 @@ class Mounts:
                 args = [IFS, src, mnt]
                 for o in opts:
                     args += ["-o", o]
+                if "uring=on" in opts:
+                    enable_fuse_uring()
                 p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                 self.procs[name] = p
                 wait_mounted(mnt, p)
+                # The daemon's "serving" line names its transport; a fallback would mislabel the row.
+                want = "over io_uring" if "uring=on" in opts else "over /dev/fuse"
+                said = [p.stderr.readline() for _ in range(1)]
+                while "interposer-fs: serving" not in said[-1] and said[-1] and len(said) < 20:
+                    said.append(p.stderr.readline())
+                if want not in said[-1]:
+                    raise RuntimeError(f"{name}: expected the daemon to serve {want}, it said: {said!r}")
             self.paths[name] = mnt
 
     def unmount_all(self):
@@ -114,6 +129,15 @@ class Mounts:
         for name, path in self.paths.items():
             if path.endswith("/mnt"):
                 subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
+
+
+def enable_fuse_uring():
+    """Let FUSE servers ask for io_uring (off by default in the kernel; root may turn it on)."""
+    with open(URING_PARAM, "w") as f:
+        f.write("Y\n")
 
 
 def drop_caches():
@@ -271,8 +295,8 @@ def workloads(short, runtime=None):
 
 
 # Workloads too long to run on every configuration: the ones users compare.
-APP_CONFIGS = {"pgbench, data directory on the mount": ["native", "bindfs", "ifs-none", "ifs-all", "ifs-kpassthrough",
-                                                     "ifs-writeback"]}
+APP_CONFIGS = {"pgbench, data directory on the mount": ["native", "bindfs", "ifs-none", "ifs-all", "ifs-uring",
+                                                     "ifs-all-uring", "ifs-kpassthrough", "ifs-writeback"]}
 
 
 def machine_facts():
@@ -323,14 +347,14 @@ def settle(collector, limit=15.0):
         before = now
 
 
-def mount_latency(work, samples):
+def mount_latency(work, samples, uring):
     src, mnt = os.path.join(work, "lat", "src"), os.path.join(work, "lat", "mnt")
     os.makedirs(src, exist_ok=True)
     os.makedirs(mnt, exist_ok=True)
     out = []
     for _ in range(samples):
         t0 = time.time()
-        p = subprocess.Popen([IFS, src, mnt, "-o", "layers=trace,metrics,fault,throttle"],
+        p = subprocess.Popen([IFS, src, mnt, "-o", "layers=trace,metrics,fault,throttle", "-o", f"uring={uring}"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_mounted(mnt, p)
         out.append((time.time() - t0) * 1000)
@@ -435,11 +459,14 @@ def daemon_figures(work, mounts, idle_rss, short):
         os.unlink(os.path.join(mounts.paths[name], "cpu"))
         cpu[name] = (cpu_seconds(p.pid) - c0) / (2 * size / 1024)
     extra = {}
-    for name, label in (("ifs-none", "no layers"), ("ifs-all", "all layers")):
+    for name, label in (("ifs-none", "no layers"), ("ifs-all", "all layers"),
+                        ("ifs-uring", "no layers, io_uring"), ("ifs-all-uring", "all layers, io_uring")):
         if name in mounts.procs:
             extra[f"daemon RSS idle, {label} (MiB)"] = idle_rss[name] / 1024
             extra[f"daemon peak RSS under load, {label} (MiB)"] = rss_kib(mounts.procs[name].pid, "VmHWM") / 1024
-    extra["mount latency, all layers (ms, median of 5)"] = mount_latency(work, 5)
+    extra["mount latency, all layers (ms, median of 5)"] = mount_latency(work, 5, "off")
+    enable_fuse_uring()
+    extra["mount latency, all layers, io_uring (ms, median of 5)"] = mount_latency(work, 5, "on")
     for name, v in cpu.items():
         extra[f"daemon CPU seconds per GiB moved, {name}"] = v
     return extra

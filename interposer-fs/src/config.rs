@@ -24,6 +24,10 @@ pub const DAEMON_KEYS: &[(&str, &str)] = &[
     ),
     ("threads", "FUSE worker threads, 1..64 (default 4)"),
     (
+        "uring",
+        "on or off: serve FUSE over io_uring, two threads per CPU, when the kernel offers it (fuse module parameter enable_uring=Y); /dev/fuse otherwise (default on)",
+    ),
+    (
         "capacity",
         "volume size as a quantity (10Gi): writes past it fail with ENOSPC, df shows it (default: none)",
     ),
@@ -79,6 +83,8 @@ pub struct DaemonConfig {
     pub metrics_address: Option<SocketAddr>,
     pub kernel_passthrough: bool,
     pub threads: usize,
+    /// Serve FUSE over io_uring when the kernel offers it.
+    pub uring: bool,
     /// Bytes the volume may hold (enforced by the passthrough).
     pub capacity: Option<u64>,
     /// Live settings file, read on SIGUSR1.
@@ -111,6 +117,7 @@ impl DaemonConfig {
             metrics_address: None,
             kernel_passthrough: false,
             threads: 4,
+            uring: true,
             capacity: None,
             control: None,
             cache_ttl: Duration::from_secs(1),
@@ -150,6 +157,13 @@ impl DaemonConfig {
                         .ok()
                         .filter(|n| (1..=64).contains(n))
                         .ok_or_else(|| bad("an integer in 1..64"))?
+                }
+                "uring" => {
+                    c.uring = match need("on or off")? {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(bad("on or off")),
+                    }
                 }
                 "capacity" => {
                     c.capacity = Some(crate::params::parse_quantity(key, need("a quantity")?)?)

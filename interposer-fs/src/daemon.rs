@@ -231,6 +231,10 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
     })
 }
 
+/// Threads per CPU queue over io_uring: a request that blocks (a throttle wait, an injected
+/// delay, a slow backing call) leaves the other to serve that CPU.
+const URING_THREADS_PER_CPU: usize = 2;
+
 /// Serve the volume until SIGINT/SIGTERM. Call with those signals blocked in every thread
 /// (see [`block_signals`]), before any other thread starts.
 pub fn run(c: DaemonConfig) -> Result<(), DaemonError> {
@@ -254,6 +258,9 @@ pub fn run(c: DaemonConfig) -> Result<(), DaemonError> {
     let mut config = fuser::Config::default();
     config.n_threads = Some(c.threads);
     config.clone_fd = true;
+    if c.uring {
+        config.io_uring_queue_threads = URING_THREADS_PER_CPU;
+    }
     let session = match fuser::Session::from_fd(prepared.fs, fd, acl, config) {
         Ok(s) => s,
         Err(e) => {
@@ -287,9 +294,14 @@ pub fn run(c: DaemonConfig) -> Result<(), DaemonError> {
         .spawn(move || signals.run())
         .map_err(DaemonError::Session)?;
     eprintln!(
-        "interposer-fs: serving {} at {} (layers: {})",
+        "interposer-fs: serving {} at {} over {} (layers: {})",
         c.source.display(),
         c.mountpoint.display(),
+        if session.io_uring() {
+            "io_uring"
+        } else {
+            "/dev/fuse"
+        },
         if c.params.layers.is_empty() {
             "none".to_string()
         } else {
@@ -301,6 +313,12 @@ pub fn run(c: DaemonConfig) -> Result<(), DaemonError> {
                 .join(",")
         }
     );
+    if c.uring && !session.io_uring() {
+        eprintln!(
+            "interposer-fs: FUSE over io_uring not offered by this kernel (fuse module parameter \
+             enable_uring); serving /dev/fuse"
+        );
+    }
     let result = session.run().map_err(DaemonError::Session);
     prepared.shutdown.trigger();
     if let Some(t) = prepared.tracer {

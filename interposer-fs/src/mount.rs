@@ -23,6 +23,15 @@ pub struct MountSpec {
     pub allow_other: bool,
 }
 
+/// The `fuse` module's switch that lets FUSE servers ask for io_uring at INIT (Linux 6.14+; off
+/// by default). Only servers that ask are affected.
+pub const URING_SWITCH: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// Turn the switch on: daemons mounting afterwards serve over io_uring (`uring=on`, default).
+pub fn enable_uring() -> io::Result<()> {
+    std::fs::write(URING_SWITCH, "Y")
+}
+
 /// Open `/dev/fuse` and mount it at `mountpoint`; returns the connection.
 pub fn mount(mountpoint: &Path, spec: &MountSpec) -> io::Result<OwnedFd> {
     let dev = OpenOptions::new()

@@ -26,6 +26,26 @@ pub fn require_fuse() {
     );
 }
 
+/// The kernel's switch that lets FUSE servers ask for io_uring (off by default).
+const URING_PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// Volumes are served over io_uring by default when the kernel offers it: turn the offer on so
+/// every test covers that transport, except tests that ask for `/dev/fuse` with `uring=off`.
+fn enable_fuse_uring() {
+    std::fs::write(URING_PARAM, "Y").unwrap_or_else(|e| {
+        panic!("cannot turn on FUSE over io_uring ({URING_PARAM}): {e}; the kernel needs 6.14+")
+    });
+}
+
+/// What the daemon must say it serves over, for these options.
+fn expected_transport(options: &[&str]) -> &'static str {
+    if options.contains(&"uring=off") {
+        "over /dev/fuse"
+    } else {
+        "over io_uring"
+    }
+}
+
 pub fn is_mounted(path: &Path) -> bool {
     let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -59,6 +79,7 @@ impl Volume {
     /// Mount with SOURCE and MOUNTPOINT at the given places inside a fresh temporary directory.
     pub fn start_in(source: &str, mnt: &str, options: &[&str], env: &[(&str, &str)]) -> Volume {
         require_fuse();
+        enable_fuse_uring();
         let dir = tempfile::tempdir().expect("tempdir");
         let source = dir.path().join(source);
         let mnt = dir.path().join(mnt);
@@ -95,7 +116,31 @@ impl Volume {
             stderr,
         };
         v.wait_until_mounted();
+        v.expect_transport(expected_transport(options));
         v
+    }
+
+    /// The daemon's "serving" line names its transport: a silent fallback fails the test.
+    fn expect_transport(&self, want: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = self.stderr.lock().unwrap().clone();
+            if let Some(line) = log
+                .lines()
+                .find(|l| l.starts_with("interposer-fs: serving"))
+            {
+                assert!(
+                    line.contains(want),
+                    "expected the daemon to serve {want}:\n{log}"
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no \"serving\" line from the daemon:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn wait_until_mounted(&mut self) {
