@@ -259,12 +259,7 @@ impl<FS: Filesystem> Session<FS> {
             uring_payload,
         } = self;
 
-        // Over io_uring, /dev/fuse carries only forgets and interrupts: one thread serves it.
-        let n_threads = if uring_payload.is_some() {
-            1
-        } else {
-            config.n_threads.unwrap_or(1)
-        };
+        let n_threads = config.n_threads.unwrap_or(1);
 
         if !cfg!(target_os = "linux") && n_threads != 1 {
             // TODO: check whether it works on macOS/FreeBSD and enable if it works.
@@ -318,7 +313,12 @@ impl<FS: Filesystem> Session<FS> {
         }
 
         if let Some(payload) = uring_payload {
-            for qid in 0..crate::uring::possible_cpus()? {
+            // Without queues the kernel keeps sending through /dev/fuse.
+            let queues = crate::uring::possible_cpus().unwrap_or_else(|e| {
+                error!("FUSE io_uring: no queues, the CPU count is unknown: {e}");
+                0
+            });
+            for qid in 0..queues {
                 for t in 0..config.io_uring_queue_threads {
                     let thread_name = format!("fuser-q{qid}-{t}");
                     let event_loop = SessionEventLoop {
