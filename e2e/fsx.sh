@@ -48,11 +48,8 @@ log "fsx: $OPS operations, seed $SEED, natively"
 run_fsx "$work/native/file" "$work/native.log" || die "fsx failed on the native directory"
 layers=(-o layers=trace,metrics,fault,throttle -o fault.probability=0
         -o throttle.readBytesPerSecond=100Gi -o throttle.writeBytesPerSecond=100Gi)
-for variant in keep writeback dev-fuse; do
-  case $variant in
-    dev-fuse) cache=keep transport=/dev/fuse uring=off ;;
-    *) cache=$variant transport=io_uring uring=on ;;
-  esac
+for variant in "${SUITE_VARIANTS[@]}"; do
+  suite_variant "$variant"
   mkdir -p "$work/source-$variant" "$work/mnt-$variant"
   mount_volume "$work/source-$variant" "$work/mnt-$variant" "$work/daemon-$variant.log" \
     "${layers[@]}" -o pageCache=$cache -o uring=$uring

@@ -50,6 +50,16 @@ expect_transport() {
   die "no \"serving\" line in $logf"
 }
 
+# The mounts pjdfstest and fsx run through (all with every layer on): over FUSE io_uring with
+# each page cache mode, and over /dev/fuse. `suite_variant NAME` sets cache, transport, uring.
+SUITE_VARIANTS=(keep writeback dev-fuse)
+suite_variant() {
+  case $1 in
+    dev-fuse) cache=keep transport=/dev/fuse uring=off ;;
+    *) cache=$1 transport=io_uring uring=on ;;
+  esac
+}
+
 _MOUNTS=()
 _PIDS=()
 

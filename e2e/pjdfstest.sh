@@ -41,11 +41,8 @@ log "pjdfstest on the native directory"
 native_summary=$(run_suite "$work/native" "$work/native.log")
 echo "native: $native_summary"
 passed() { grep -E '\s+ok$' "$1" | awk '{print $1}' | sort; }
-for variant in keep writeback dev-fuse; do
-  case $variant in
-    dev-fuse) cache=keep transport=/dev/fuse uring=off ;;
-    *) cache=$variant transport=io_uring uring=on ;;
-  esac
+for variant in "${SUITE_VARIANTS[@]}"; do
+  suite_variant "$variant"
   mkdir -p "$work/source-$variant" "$work/mnt-$variant"
   mount_volume "$work/source-$variant" "$work/mnt-$variant" "$work/daemon-$variant.log" \
     -o layers=trace,metrics,fault,throttle -o fault.probability=0 \

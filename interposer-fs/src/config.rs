@@ -236,6 +236,7 @@ mod tests {
             "fault.probability=0.5",
             "ro",
             "threads=8",
+            "uring=off",
             "pvcName=data",
         ])
         .unwrap();
@@ -243,6 +244,7 @@ mod tests {
         assert_eq!(c.params.fault.probability, 0.5);
         assert!(c.read_only);
         assert_eq!(c.threads, 8);
+        assert!(!c.uring, "uring=off keeps the daemon on /dev/fuse");
         assert_eq!(c.identity.volume_id, "vol1");
         assert_eq!(c.identity.pvc_name.as_deref(), Some("data"));
     }
@@ -256,6 +258,7 @@ mod tests {
             ("ro=yes", "ro"),
             ("kernelPassthrough=maybe", "kernelPassthrough"),
             ("cache.ttl=forever", "cache.ttl"),
+            ("uring=maybe", "uring"),
             ("bogus=1", "bogus"),
             ("layers", "layers"),
         ] {

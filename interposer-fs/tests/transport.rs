@@ -77,9 +77,9 @@ fn xattr_set(path: &std::path::Path, name: &str, value: &[u8]) {
     assert_eq!(&buf[..value.len()], value);
 }
 
-#[test]
-fn over_io_uring_every_cpus_queue_answers() {
-    let v = Volume::start(&["layers=trace,metrics"]);
+/// Mount with `options` and [`exercise`] the volume from a thread on each CPU in turn.
+fn exercise_from_every_cpu(options: &[&str]) {
+    let v = Volume::start(options);
     for cpu in 0..cpus() {
         let dir = v.mnt.clone();
         on_cpu(cpu, Duration::from_secs(30), move || {
@@ -89,14 +89,13 @@ fn over_io_uring_every_cpus_queue_answers() {
 }
 
 #[test]
+fn over_io_uring_every_cpus_queue_answers() {
+    exercise_from_every_cpu(&["layers=trace,metrics"]);
+}
+
+#[test]
 fn over_dev_fuse_when_asked_data_names_and_xattrs_round_trip() {
-    let v = Volume::start(&["layers=trace,metrics", "uring=off"]);
-    for cpu in 0..cpus() {
-        let dir = v.mnt.clone();
-        on_cpu(cpu, Duration::from_secs(30), move || {
-            exercise(dir, &format!("cpu{cpu}"))
-        });
-    }
+    exercise_from_every_cpu(&["layers=trace,metrics", "uring=off"]);
 }
 
 #[test]
