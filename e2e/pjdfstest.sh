@@ -57,7 +57,8 @@ for variant in "${SUITE_VARIANTS[@]}"; do
   failures=$(echo "$mount_summary" | sed -E 's/^Summary: ([0-9]+) failed.*/\1/')
   lost=$(comm -23 <(passed "$work/native.log") <(passed "$mount_log") | grep -vxF "$FUSE_STRUCTURAL_SKIPS" || true)
   if [ "$failures" != 0 ]; then
-    grep -E 'FAILED|failed' "$mount_log" | grep -v '^Summary' | head -50
+    grep -A20 -E 'FAILED' "$mount_log" | head -80  # with pjdfstest's message and backtrace
+    tail -20 "$work/daemon-$variant.log"
     die "pjdfstest: $failures failures through interposer-fs with pageCache=$cache over $transport"
   fi
   if [ -n "$lost" ]; then
