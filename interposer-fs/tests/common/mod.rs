@@ -26,14 +26,14 @@ pub fn require_fuse() {
     );
 }
 
-/// The kernel's switch that lets FUSE servers ask for io_uring (off by default).
-const URING_PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
-
 /// Volumes are served over io_uring by default when the kernel offers it: turn the offer on so
 /// every test covers that transport, except tests that ask for `/dev/fuse` with `uring=off`.
 fn enable_fuse_uring() {
-    std::fs::write(URING_PARAM, "Y").unwrap_or_else(|e| {
-        panic!("cannot turn on FUSE over io_uring ({URING_PARAM}): {e}; the kernel needs 6.14+")
+    interposer_fs::mount::enable_uring().unwrap_or_else(|e| {
+        panic!(
+            "cannot turn on FUSE over io_uring ({}): {e}; the kernel needs 6.14+",
+            interposer_fs::mount::URING_SWITCH
+        )
     });
 }
 

@@ -385,17 +385,17 @@ fn serve<FS: Filesystem>(se: &SessionEventLoop<FS>, entry: &Arc<Entry>, scratch:
         // no copy of the (large) payload. `op_in` is a multiple of 8 for every operation, so
         // the message stays aligned; ring bookkeeping under it is read already.
         let start = HEADER_SIZE - op_in - IN_HEADER_SIZE;
+        if start % 8 != 0 {
+            error!("FUSE io_uring: unaligned request header (op header {op_in} bytes)");
+            reply_error(entry, unique, ll::Errno::EIO);
+            return;
+        }
         // SAFETY: all ranges lie within the entry's buffer; `copy` allows overlap.
         let message = unsafe {
             std::ptr::copy(base.add(OP_IN_OFFSET), base.add(HEADER_SIZE - op_in), op_in);
             std::ptr::copy(base, base.add(start), IN_HEADER_SIZE);
             std::slice::from_raw_parts(base.add(start), len)
         };
-        if start % 8 != 0 {
-            error!("FUSE io_uring: unaligned request header (op header {op_in} bytes)");
-            reply_error(entry, unique, ll::Errno::EIO);
-            return;
-        }
         dispatch(se, sender, message, entry, unique);
         let mut state = wait_reply(entry);
         let side = std::mem::take(&mut state.side);
