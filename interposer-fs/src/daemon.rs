@@ -8,6 +8,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -322,10 +323,16 @@ pub fn run(c: DaemonConfig) -> Result<(), DaemonError> {
     let result = session.run().map_err(DaemonError::Session);
     prepared.shutdown.trigger();
     if let Some(t) = prepared.tracer {
-        let _ = t.shutdown();
+        let _ = t.shutdown_with_timeout(FINAL_SPAN_FLUSH);
     }
     result
 }
+
+/// How long the spans still queued at unmount may take to reach the collector. The volume is
+/// already unmounted by then, and the CSI driver waits for this process to end before
+/// NodeUnstageVolume answers: a dead or slow collector must not hold that up (an export attempt
+/// alone may take its whole 5 s timeout).
+const FINAL_SPAN_FLUSH: Duration = Duration::from_secs(1);
 
 /// Every open file of the volume holds a descriptor here: allow as many as the hard limit.
 fn raise_fd_limit() {

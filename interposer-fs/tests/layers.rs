@@ -654,9 +654,9 @@ fn spans_reach_an_otlp_receiver_with_paths_callers_sessions_and_faults() {
 }
 
 #[test]
-fn io_keeps_working_when_no_collector_listens() {
+fn io_and_unmount_keep_working_when_no_collector_listens() {
     // Port 9 (discard) on loopback: nothing listens; exports fail, I/O must not notice.
-    let v = Volume::start_with_env(
+    let mut v = Volume::start_with_env(
         &["layers=trace"],
         &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")],
     );
@@ -667,6 +667,15 @@ fn io_keeps_working_when_no_collector_listens() {
     assert!(
         t.elapsed() < Duration::from_secs(30),
         "I/O stalled behind a dead collector: {:?}",
+        t.elapsed()
+    );
+    // Nor does it hold up the unmount: the spans still queued get a short last chance.
+    let t = Instant::now();
+    let status = v.stop().expect("the daemon ran");
+    assert!(status.success(), "daemon exit: {status}");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "the daemon took {:?} to exit after its unmount, waiting for a dead collector",
         t.elapsed()
     );
 }
