@@ -275,7 +275,11 @@ impl Interposer {
 
     fn reply_entry(&self, r: FsResult<Entry>, reply: ReplyEntry) {
         match r {
-            Ok(e) => reply.entry(&self.cache.ttl, &to_attr(e.ino, &e.attr), Generation(0)),
+            Ok(e) => reply.entry(
+                &self.cache.ttl,
+                &to_attr(e.ino, &e.attr),
+                Generation(e.generation.into()),
+            ),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -768,13 +772,14 @@ impl Filesystem for Interposer {
                         to_attr(e.ino, &st)
                     }
                 };
+                let generation = entry.map_or(0, |entry| entry.generation);
                 let full = reply.add(
                     INodeNo(attr.ino.0),
                     e.offset,
                     name,
                     &self.cache.ttl,
                     &attr,
-                    Generation(0),
+                    Generation(generation.into()),
                 );
                 if full {
                     if let Some(entry) = entry {
@@ -919,7 +924,7 @@ impl Filesystem for Interposer {
                         reply.created_passthrough(
                             &self.cache.ttl,
                             &attr,
-                            Generation(0),
+                            Generation(entry.generation.into()),
                             FileHandle(fh),
                             FopenFlags::empty(),
                             &id,
@@ -930,7 +935,7 @@ impl Filesystem for Interposer {
                 reply.created(
                     &self.cache.ttl,
                     &attr,
-                    Generation(0),
+                    Generation(entry.generation.into()),
                     FileHandle(fh),
                     self.cache.open_flags(),
                 )

@@ -261,6 +261,45 @@ fn many_files_need_no_descriptor_each_and_forgotten_inodes_are_dropped() {
     );
 }
 
+/// Node ids are backing inode numbers, and the backing filesystem hands a freed number to the
+/// next new object. A directory removed while a process still works in it stays in the kernel;
+/// a directory made next may get its number and must be a live directory, not the removed one
+/// (whose kernel inode refuses new entries with ENOENT).
+#[test]
+fn a_new_directory_on_a_removed_ones_inode_number_takes_new_files() {
+    let v = Volume::start(&["layers="]);
+    let mut checked = 0;
+    for i in 0..50 {
+        let old = v.path(&format!("old{i}"));
+        fs::create_dir(&old).unwrap();
+        let old_ino = fs::metadata(v.source_path(&format!("old{i}")))
+            .unwrap()
+            .ino();
+        let mut worker = Command::new("sleep")
+            .arg("60")
+            .current_dir(&old)
+            .spawn()
+            .unwrap();
+        fs::remove_dir(&old).unwrap();
+        fs::create_dir(v.path(&format!("new{i}"))).unwrap();
+        let reused = fs::metadata(v.source_path(&format!("new{i}")))
+            .unwrap()
+            .ino()
+            == old_ino;
+        let made = fs::write(v.path(&format!("new{i}/file")), b"x");
+        let _ = worker.kill();
+        let _ = worker.wait();
+        if reused {
+            made.unwrap_or_else(|e| panic!("a file in new{i}, on old{i}'s inode number: {e}"));
+            checked += 1;
+            if checked == 3 {
+                return;
+            }
+        }
+    }
+    panic!("the backing filesystem reused an inode number {checked} times in 50: not checked");
+}
+
 fn run_bad(args: &[&str]) -> (i32, String) {
     let out = Command::new(BIN)
         .args(args)

@@ -10,6 +10,12 @@
 //!   attribute cache sees one file.
 //! - A node lives while the kernel holds lookups on it (`lookup`/`create`/`mkdir`… add one,
 //!   `forget` removes n). A `forget` for an id we no longer hold is ignored.
+//! - Each node carries a generation, new whenever its id starts naming another object. Ids are
+//!   backing inode numbers, and the backing filesystem reuses a freed number while the kernel may
+//!   still hold its inode for the old object (a process whose working directory was removed
+//!   keeps it). Same id, same generation: the kernel would take the new object for the old one
+//!   (for a removed directory: refuse to create anything in the new one, ENOENT). A new
+//!   generation makes it retire the old inode and start a fresh one.
 //! - `(parent, name)` is only for telling users where a file is (span paths, fault globs); it
 //!   is updated on rename and never used to *reach* a file, so a stale name cannot send an
 //!   operation to the wrong object.
@@ -19,7 +25,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use parking_lot::RwLock;
 
@@ -51,6 +57,8 @@ pub struct InodeData {
     pub reference: InodeRef,
     pub dev: u64,
     pub ino: u64,
+    /// Told to the kernel with the id (see the module doc). The kernel keeps 32 bits of it.
+    pub generation: u32,
     /// The file was created through this mount and nothing has set `security.capability` on it
     /// since: the kernel's question before its first write can be answered without a syscall.
     pub no_file_caps: AtomicBool,
@@ -74,6 +82,7 @@ pub struct InodeTable {
     root_fd: OwnedFd,
     maps: RwLock<Maps>,
     next_id: AtomicU64,
+    next_generation: AtomicU32,
     /// False when SOURCE's filesystem refused `name_to_handle_at`.
     handles_supported: bool,
     root_dev: u64,
@@ -91,6 +100,7 @@ impl InodeTable {
                 reference: InodeRef::Fd(sys::dup(root_fd.as_fd())?),
                 dev: st.st_dev,
                 ino: st.st_ino,
+                generation: 0,
                 no_file_caps: AtomicBool::new(false),
             }),
             parent: ROOT,
@@ -104,6 +114,7 @@ impl InodeTable {
             root_fd,
             maps: RwLock::new(maps),
             next_id: AtomicU64::new(FOREIGN_IDS),
+            next_generation: AtomicU32::new(1),
             root_ino: st.st_ino,
             handles_supported,
             root_dev: st.st_dev,
@@ -185,13 +196,13 @@ impl InodeTable {
 
     /// Record one kernel lookup of the object found as `parent/name`, described by `st` and
     /// reached through `reference`; `created` when this mount just created it. Returns the node
-    /// id to give the kernel.
+    /// id and generation to give the kernel.
     ///
     /// Node ids are the backing inode numbers (so `stat` and `readdir` inside the volume show
     /// the real, stable numbers, as tools like git and rsync expect across remounts); objects on
     /// another device below SOURCE get ids from a separate counter range. If the backing
     /// filesystem reused an inode number for a new file (the handle differs), the node is
-    /// pointed at the new file.
+    /// pointed at the new file, under a new generation.
     pub fn remember(
         &self,
         parent: u64,
@@ -199,13 +210,16 @@ impl InodeTable {
         reference: InodeRef,
         st: &libc::stat,
         created: bool,
-    ) -> FsResult<u64> {
+    ) -> FsResult<(u64, u32)> {
         let key = (st.st_dev, st.st_ino);
         let data = |reference| {
             Arc::new(InodeData {
                 reference,
                 dev: st.st_dev,
                 ino: st.st_ino,
+                // Never 0, the root's; wrapping after 4 billion nodes is harmless (a collision
+                // needs the kernel to still hold the one node from 2^32 ago with this id).
+                generation: self.next_generation.fetch_add(1, Ordering::Relaxed).max(1),
                 no_file_caps: AtomicBool::new(created),
             })
         };
@@ -225,7 +239,7 @@ impl InodeTable {
                         node.data = data(reference);
                     }
                 }
-                return Ok(id);
+                return Ok((id, node.data.generation));
             }
         }
         let id = if st.st_dev == self.root_dev && st.st_ino > ROOT && st.st_ino < FOREIGN_IDS {
@@ -233,17 +247,19 @@ impl InodeTable {
         } else {
             self.next_id.fetch_add(1, Ordering::Relaxed)
         };
+        let data = data(reference);
+        let generation = data.generation;
         maps.by_key.insert(key, id);
         maps.nodes.insert(
             id,
             Node {
-                data: data(reference),
+                data,
                 parent,
                 name: name.to_os_string(),
                 lookups: 1,
             },
         );
-        Ok(id)
+        Ok((id, generation))
     }
 
     /// The node id readdir should show for a backing inode number.

@@ -26,6 +26,7 @@ use crate::fs::sys;
 #[derive(Debug, Clone, Copy)]
 pub struct Entry {
     pub ino: u64,
+    pub generation: u32,
     pub attr: libc::stat,
 }
 
@@ -200,8 +201,12 @@ impl Passthrough {
         let fd = sys::openat(dir, &c, libc::O_PATH, 0)?;
         let st = sys::fstat(fd.as_fd())?;
         let reference = self.inodes.reference(fd, &st);
-        let ino = self.inodes.remember(parent, name, reference, &st, false)?;
-        Ok(Entry { ino, attr: st })
+        let (ino, generation) = self.inodes.remember(parent, name, reference, &st, false)?;
+        Ok(Entry {
+            ino,
+            generation,
+            attr: st,
+        })
     }
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Entry> {
@@ -459,12 +464,17 @@ impl Passthrough {
             Some(h) => InodeRef::Handle(h),
             None => InodeRef::Fd(sys::openat(dir.as_fd(), &c, libc::O_PATH, 0)?),
         };
-        let ino = self
+        let (ino, generation) = self
             .inodes
             .remember(parent, name, reference, &st, created)?;
         // A file this call created has no capabilities to kill.
         let fh = self.handles.insert(fd, ino, writable(flags) && !created);
-        Ok((Entry { ino, attr: st }, fh))
+        let entry = Entry {
+            ino,
+            generation,
+            attr: st,
+        };
+        Ok((entry, fh))
     }
 
     /// The descriptor behind `fh` (for kernel passthrough registration).
