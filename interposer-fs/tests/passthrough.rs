@@ -275,11 +275,14 @@ fn a_new_directory_on_a_removed_ones_inode_number_takes_new_files() {
         let old_ino = fs::metadata(v.source_path(&format!("old{i}")))
             .unwrap()
             .ino();
-        let mut worker = Command::new("sleep")
-            .arg("60")
-            .current_dir(&old)
-            .spawn()
-            .unwrap();
+        // Killed when dropped, so a failing check leaves nothing working in the mount.
+        let worker = KillOnDrop(
+            Command::new("sleep")
+                .arg("60")
+                .current_dir(&old)
+                .spawn()
+                .unwrap(),
+        );
         fs::remove_dir(&old).unwrap();
         fs::create_dir(v.path(&format!("new{i}"))).unwrap();
         let reused = fs::metadata(v.source_path(&format!("new{i}")))
@@ -287,8 +290,7 @@ fn a_new_directory_on_a_removed_ones_inode_number_takes_new_files() {
             .ino()
             == old_ino;
         let made = fs::write(v.path(&format!("new{i}/file")), b"x");
-        let _ = worker.kill();
-        let _ = worker.wait();
+        drop(worker);
         if reused {
             made.unwrap_or_else(|e| panic!("a file in new{i}, on old{i}'s inode number: {e}"));
             checked += 1;
@@ -298,6 +300,15 @@ fn a_new_directory_on_a_removed_ones_inode_number_takes_new_files() {
         }
     }
     panic!("the backing filesystem reused an inode number {checked} times in 50: not checked");
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn run_bad(args: &[&str]) -> (i32, String) {
