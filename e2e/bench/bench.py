@@ -203,6 +203,12 @@ def workloads(short, runtime=None):
 
     def rand_write(d):
         prepare_read(d)
+        # From an empty page cache, so every configuration starts the same. A file whose pages
+        # are cached in large folios (after a sequential write or read-ahead) makes each 4 KiB
+        # write walk the folio's block buffers in ext4: natively 72,000 writes/s on such a file
+        # here, 437,000 right after dropping the cache. Which folios the lower file held would
+        # otherwise decide the row, not the filesystem in between.
+        drop_caches()
         return fio(d, "randwrite", ["--rw=randwrite", "--bs=4k", f"--size={rfile}", "--filename=rf",
                                     "--time_based", f"--runtime={t}"])
 
@@ -393,6 +399,7 @@ def main():
     mounts = Mounts(work)
     results = {}  # workload -> config -> [values]
     extra = {}
+    collector = {}  # config -> (collector CPU seconds, workload seconds)
     jaeger = None
     if a.jaeger:
         jaeger = subprocess.Popen([a.jaeger], cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -410,15 +417,26 @@ def main():
                         continue
                     print(f"[rep {rep + 1}/{reps}] {title}: {name}", file=sys.stderr, flush=True)
                     settle(jaeger)
+                    c0, t0 = cpu_seconds(jaeger.pid) if jaeger else 0.0, time.time()
                     r = fn(mounts.paths[name])
+                    busy = time.time() - t0
+                    if jaeger:
+                        time.sleep(0.6)  # past the daemons' export delay (500 ms)
+                        settle(jaeger)  # until it has ingested this run's spans
+                        cpu, total = collector.get(name, (0.0, 0.0))
+                        collector[name] = (cpu + cpu_seconds(jaeger.pid) - c0, total + busy)
                     # One run measures its row and the rows without a function after it
                     # (create, stat, unlink; unpack, scan).
                     i = next(i for i, w in enumerate(wl) if w[0] == title)
                     rows = [wl[i]] + list(itertools.takewhile(lambda w: w[1] is None, wl[i + 1:]))
                     for t2, _, m2 in rows:
                         results.setdefault(t2, {}).setdefault(name, []).append(r[m2])
+        # The collector shares the workloads' CPUs here (in a cluster it runs elsewhere): how
+        # much of them it took is part of what the trace layer cost in this run.
+        for name, (cpu, total) in collector.items():
+            extra[f"collector CPU, cores busy per second of {name}'s workloads"] = cpu / total
         if a.workloads is None:
-            extra = daemon_figures(work, mounts, idle_rss, a.short)
+            extra.update(daemon_figures(work, mounts, idle_rss, a.short))
     finally:
         mounts.unmount_all()
         if jaeger is not None:
