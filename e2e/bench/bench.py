@@ -28,6 +28,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IFS = os.path.join(REPO, "target", "release", "interposer-fs")
+DRIVER = os.path.join(REPO, "target", "release", "csi-interposer")
+CTL = os.path.join(REPO, "target", "release", "csi-interposer-ctl")
 
 # name -> interposer-fs options (None: native; "bindfs": bindfs). Each names its transport:
 # /dev/fuse (uring=off), or FUSE over io_uring (uring=on; the benchmark turns on the kernel's
@@ -369,6 +371,50 @@ def mount_latency(work, samples, uring):
     return statistics.median(out)
 
 
+def csi_mount_latency(work, samples):
+    """NodeStageVolume + NodePublishVolume through the real driver, as kubelet calls them, until
+    the pod's path answers: what a pod's start waits for. Timed around `csi-interposer-ctl
+    mount`, so the client's own start and connection are included."""
+    base = os.path.join(work, "csi")
+    os.makedirs(base)
+    sock = f"unix://{base}/csi.sock"
+    staging, target = os.path.join(base, "staging"), os.path.join(base, "pod", "mount")
+    ctl = [CTL, "--endpoint", sock]
+    paths = ["--staging", staging, "--target", target]
+    with open(os.path.join(base, "driver.log"), "w") as log:
+        driver = subprocess.Popen([DRIVER, "--endpoint", sock, "--node-id", "bench",
+                                   "--state-dir", f"{base}/state", "--data-dir", f"{base}/data"],
+                                  stdout=log, stderr=log)
+    volume = None
+    try:
+        t0 = time.time()
+        while not os.path.exists(f"{base}/csi.sock"):
+            if driver.poll() is not None or time.time() - t0 > 15:
+                raise RuntimeError(f"csi-interposer did not start (see {base}/driver.log)")
+            time.sleep(0.02)
+        out = sh(ctl + ["create", "pvc-bench-latency", "-p", "layers=trace,metrics,fault,throttle",
+                        "-p", "fault.probability=0"]).stdout.split()
+        volume, context = out[0], out[1:]
+        times = []
+        for _ in range(samples):
+            t0 = time.time()
+            sh(ctl + ["mount", volume] + paths + [a for kv in context for a in ("-c", kv)])
+            wait_mounted(target)
+            times.append((time.time() - t0) * 1000)
+            sh(ctl + ["unmount", volume] + paths)
+        return statistics.median(times)
+    finally:
+        if volume is not None:
+            subprocess.run(ctl + ["down", volume] + paths, capture_output=True)
+        driver.send_signal(signal.SIGTERM)
+        try:
+            driver.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            driver.kill()
+        for path in (target, staging):
+            subprocess.run(["umount", "-l", path], capture_output=True)
+
+
 def main():
     # SIGTERM/SIGINT must still unmount everything (the finally below).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -485,6 +531,8 @@ def daemon_figures(work, mounts, idle_rss, short):
     extra["mount latency, all layers (ms, median of 5)"] = mount_latency(work, 5, "off")
     enable_fuse_uring()
     extra["mount latency, all layers, io_uring (ms, median of 5)"] = mount_latency(work, 5, "on")
+    extra["NodeStageVolume + NodePublishVolume to first answer, all layers, io_uring, through csi-interposer "
+          "(ms, median of 5, client start included)"] = csi_mount_latency(work, 5)
     for name, v in cpu.items():
         extra[f"daemon CPU seconds per GiB moved, {name}"] = v
     return extra
