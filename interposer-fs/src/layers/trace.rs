@@ -56,8 +56,8 @@ pub struct TraceLayer {
     /// Open-file sessions by file handle; sharded so parallel opens rarely contend.
     sessions: [Mutex<HashMap<u64, Context>>; SHARDS],
     /// thread id → ((tgid, process name), when read). Bounded; refreshed so a reused id is not
-    /// misnamed for long.
-    comm_cache: Mutex<HashMap<u32, ProcessInfo>>,
+    /// misnamed for long. Read-locked on the hot path; `/proc` is read with no lock held.
+    comm_cache: parking_lot::RwLock<HashMap<u32, ProcessInfo>>,
     live: Arc<LiveAttributes>,
 }
 
@@ -73,7 +73,7 @@ impl TraceLayer {
             ops: params.ops,
             file_spans: params.file_spans,
             sessions: std::array::from_fn(|_| Mutex::new(HashMap::new())),
-            comm_cache: Mutex::new(HashMap::new()),
+            comm_cache: parking_lot::RwLock::new(HashMap::new()),
             live,
         }
     }
@@ -87,8 +87,7 @@ impl TraceLayer {
         if tid == 0 {
             return None;
         }
-        let mut cache = self.comm_cache.lock();
-        if let Some(p) = cache.get(&tid) {
+        if let Some(p) = self.comm_cache.read().get(&tid) {
             if p.read_at.elapsed() < Duration::from_secs(10) {
                 return Some(p.clone());
             }
@@ -106,6 +105,7 @@ impl TraceLayer {
             name: field("Name:")?.into(),
             read_at: Instant::now(),
         };
+        let mut cache = self.comm_cache.write();
         if cache.len() > 4096 {
             cache.clear();
         }
