@@ -4,9 +4,15 @@
 Every configuration is mounted at once over its own directory on the same filesystem; each
 repetition runs every workload on every configuration in turn (interleaved), so a noisy machine
 affects all of them alike. The table shows the median of the repetitions and the ratio to native.
+The order of the configurations is shuffled for each workload and repetition (seeded, so a run
+can be repeated). On this VM the first fill of the page cache after a few idle seconds costs
+the kernel several times the CPU of the same fill right after another (writing 2 GiB: 0.4 s
+against 2.5-4.4 s; the VM's balloon reports free memory to the host, but touching anonymous
+memory just before does not avoid it, so the cause is not settled): with a fixed order, the
+configuration after a long run that freed little paid for it in every repetition.
 
 Usage: bench.py [--short] [--reps N] [--runtime S] [--json FILE] [--work DIR] [--jaeger BIN]
-                [--configs A,B] [--workloads WORDS,WORDS]
+                [--configs A,B] [--workloads WORDS,WORDS] [--seed N]
   --short      a few seconds per workload (what CI runs, to keep the benchmark from rotting)
   --jaeger     a Jaeger binary to run during the benchmark, so ifs-trace/ifs-all pay for real export
   --configs    only these configurations (native is always measured: it is what ratios divide by)
@@ -18,6 +24,7 @@ import glob
 import itertools
 import json
 import os
+import random
 import shutil
 import signal
 import statistics
@@ -427,6 +434,7 @@ def main():
     ap.add_argument("--jaeger", help="Jaeger binary to start for the run (OTLP on 127.0.0.1:4317)")
     ap.add_argument("--configs", help="comma-separated configurations to run (native always runs)")
     ap.add_argument("--workloads", help="comma-separated words; run the workloads whose title has one")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the configurations' order in each workload")
     a = ap.parse_args()
     known = [n for n, _ in CONFIGS]
     wanted = set(a.configs.split(",")) if a.configs else set(known)
@@ -446,6 +454,7 @@ def main():
     results = {}  # workload -> config -> [values]
     extra = {}
     collector = {}  # config -> (collector CPU seconds, workload seconds)
+    shuffle = random.Random(a.seed)
     jaeger = None
     if a.jaeger:
         jaeger = subprocess.Popen([a.jaeger], cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -458,9 +467,9 @@ def main():
             for title, fn, metric in wl:
                 if fn is None:
                     continue
-                for name, _ in configs:
-                    if name not in APP_CONFIGS.get(title, [name]):
-                        continue
+                order = [n for n, _ in configs if n in APP_CONFIGS.get(title, [n])]
+                shuffle.shuffle(order)
+                for name in order:
                     print(f"[rep {rep + 1}/{reps}] {title}: {name}", file=sys.stderr, flush=True)
                     settle(jaeger)
                     c0, t0 = cpu_seconds(jaeger.pid) if jaeger else 0.0, time.time()
@@ -479,7 +488,7 @@ def main():
                         results.setdefault(t2, {}).setdefault(name, []).append(r[m2])
         # The collector shares the workloads' CPUs here (in a cluster it runs elsewhere): how
         # much of them it took is part of what the trace layer cost in this run.
-        for name, (cpu, total) in collector.items():
+        for name, (cpu, total) in sorted(collector.items(), key=lambda c: [n for n, _ in configs].index(c[0])):
             extra[f"collector CPU, cores busy per second of {name}'s workloads"] = cpu / total
         if a.workloads is None:
             extra.update(daemon_figures(work, mounts, idle_rss, a.short))
@@ -517,6 +526,10 @@ def daemon_figures(work, mounts, idle_rss, short):
     size = 256 if short else 1024
     cpu = {}
     for name, p in mounts.procs.items():
+        # Unmeasured first, so no configuration's figure includes a first fill after idle
+        # seconds (see the module doc).
+        fio(mounts.paths[name], "cpu", ["--rw=write", "--bs=1M", f"--size={size}M", "--filename=cpu"])
+        os.unlink(os.path.join(mounts.paths[name], "cpu"))
         c0 = cpu_seconds(p.pid)
         fio(mounts.paths[name], "cpu", ["--rw=write", "--bs=1M", f"--size={size}M", "--filename=cpu", "--end_fsync=1"])
         fio(mounts.paths[name], "cpu", ["--rw=read", "--bs=1M", f"--size={size}M", "--filename=cpu"])
@@ -546,7 +559,8 @@ def report(a, configs, wl, results, extra, reps):
         med = {n: statistics.median(v) for n, v in per.items()}
         table[title] = {n: {"median": med[n], "ratio": med[n] / med["native"] if med.get("native") else None,
                             "samples": per[n]} for n in med}
-    print(f"\nbench: {'short' if a.short else 'full'} mode, {reps} repetition(s), median; ratio to native in ()"
+    print(f"\nbench: {'short' if a.short else 'full'} mode, {reps} repetition(s), median; ratio to native in ();"
+          f" configurations in shuffled order (seed {a.seed})"
           + ("; spans exported to a local Jaeger" if a.jaeger else "; no collector listening (spans built, export fails)"))
     print("| workload | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
@@ -562,7 +576,7 @@ def report(a, configs, wl, results, extra, reps):
         print(f"{k}: {v:.2f}")
     machine = machine_facts()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
-    doc = {"mode": "short" if a.short else "full", "repetitions": reps, "jaeger": bool(a.jaeger), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    doc = {"mode": "short" if a.short else "full", "repetitions": reps, "seed": a.seed, "jaeger": bool(a.jaeger), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "configs": dict(configs), "results": table, "extra": extra,
            "machine": machine}
     if a.json:
