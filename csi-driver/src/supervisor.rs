@@ -40,7 +40,7 @@ fn start_time(pid: u32) -> Option<u64> {
 }
 
 /// Polling intervals while waiting for a daemon to mount or to exit: 1 ms, doubling up to 20 ms.
-/// A mount takes 8–15 ms, so a fixed 20 ms step would add up to that much to every stage.
+/// A mount takes 6–15 ms, so a fixed 20 ms step would add up to that much to every stage.
 struct Backoff(Duration);
 
 impl Backoff {
