@@ -278,17 +278,20 @@ pub fn run(c: DaemonConfig) -> Result<(), DaemonError> {
         control: c.control.clone(),
     };
     // Not on this thread: the stat inside waits for INIT, which `session.run` answers.
-    let mountpoint = c.mountpoint.clone();
-    let writeback = c.params.page_cache == PageCache::Writeback;
-    let tuning = std::thread::Builder::new()
-        .name("bdi-tuning".into())
-        .spawn(move || {
-            if let Err(e) = mount::tune_bdi(&mountpoint, mount::READAHEAD_KIB, writeback) {
-                log::warn!("the mount's device keeps (some of) the kernel's defaults: {e}");
-            }
-        });
-    if let Err(e) = tuning {
-        log::warn!("the mount's device keeps the kernel's defaults: no thread to tune it: {e}");
+    if c.params.page_cache == PageCache::Writeback {
+        let mountpoint = c.mountpoint.clone();
+        let tuning = std::thread::Builder::new()
+            .name("bdi-tuning".into())
+            .spawn(move || {
+                if let Err(e) = mount::lift_dirty_limit(&mountpoint) {
+                    log::warn!("the mount keeps the kernel's strict dirty-page limit: {e}");
+                }
+            });
+        if let Err(e) = tuning {
+            log::warn!(
+                "the mount keeps the kernel's strict dirty-page limit: no thread to lift it: {e}"
+            );
+        }
     }
     std::thread::Builder::new()
         .name("signals".into())
