@@ -73,22 +73,17 @@ pub fn mount(mountpoint: &Path, spec: &MountSpec) -> io::Result<OwnedFd> {
 ///
 /// Read-ahead stays at the kernel's 128 KiB. At 1 MiB (FUSE's largest request) cold sequential
 /// reads were 25-35% slower through the daemon (1 GiB, `fio` 1 MiB reads after dropping every
-/// cache: 1,150-1,480 MiB/s against 1,610-1,790 over either transport); only reads of a lower
+/// cache: 1,040-1,480 MiB/s against 1,610-2,000 over either transport); only reads of a lower
 /// file already cached, through a dropped mount cache, gained (5-10%).
 pub fn lift_dirty_limit(mountpoint: &Path) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let dev = std::fs::metadata(mountpoint)?.dev();
-    let dir = format!(
-        "/sys/class/bdi/{}:{}",
+    let path = format!(
+        "/sys/class/bdi/{}:{}/strict_limit",
         nix::sys::stat::major(dev),
         nix::sys::stat::minor(dev)
     );
-    let set = |name: &str, value: &str| {
-        let path = format!("{dir}/{name}");
-        std::fs::write(&path, format!("{value}\n"))
-            .map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))
-    };
-    set("strict_limit", "0")
+    std::fs::write(&path, "0\n").map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))
 }
 
 /// Detach the mount at `mountpoint` (lazy: busy files keep working until closed, and the
