@@ -115,11 +115,16 @@ class Mounts:
                 sh(["bindfs", src, mnt])
                 wait_mounted(mnt)
             elif opts == "passthrough_hp":
-                log = open(os.path.join(self.work, name, "log"), "w")  # a pipe nobody reads could fill
-                p = subprocess.Popen([PASSTHROUGH_HP, "--foreground", os.path.abspath(src), os.path.abspath(mnt)],
-                                     stdout=log, stderr=log)
+                log = os.path.join(self.work, name, "log")  # a file: a pipe nobody reads could fill
+                with open(log, "w") as out:
+                    p = subprocess.Popen([PASSTHROUGH_HP, "--foreground", os.path.abspath(src),
+                                          os.path.abspath(mnt)], stdout=out, stderr=out)
                 self.procs[name] = p
-                wait_mounted(mnt, p)
+                try:
+                    wait_mounted(mnt, p)
+                except RuntimeError as e:
+                    with open(log) as f:
+                        raise RuntimeError(f"{e}{f.read()}") from None
             else:
                 args = [IFS, src, mnt]
                 for o in opts:
