@@ -12,6 +12,12 @@ use std::time::Duration;
 
 use crate::params::{ParamError, VolumeParams, is_volume_key, parse_duration};
 
+/// Threads reading `/dev/fuse`. One caller waiting on one request at a time still goes faster
+/// with more threads queued on the device: on a 2-CPU VM, a `getxattr` round trip ran 10% and a
+/// GETATTR 18% faster with 8 than with 4 (medians of 10 interleaved runs); 6 to 16 were alike,
+/// and libfuse's multi-threaded loop grows to 10. Each idle thread costs about 0.2 MiB.
+pub const DEFAULT_THREADS: usize = 8;
+
 /// Daemon-only options, with their accepted form, for `--help`.
 pub const DAEMON_KEYS: &[(&str, &str)] = &[
     (
@@ -22,7 +28,10 @@ pub const DAEMON_KEYS: &[(&str, &str)] = &[
         "kernelPassthrough",
         "true or false: reads and writes of regular files go straight from the kernel to SOURCE, unseen by layers (default false)",
     ),
-    ("threads", "FUSE worker threads, 1..64 (default 4)"),
+    (
+        "threads",
+        "FUSE worker threads over /dev/fuse, 1..64 (default 8)",
+    ),
     (
         "uring",
         "on or off: serve FUSE over io_uring, two threads per CPU, when the kernel offers it (fuse module parameter enable_uring=Y); /dev/fuse otherwise (default on)",
@@ -116,7 +125,7 @@ impl DaemonConfig {
             params: VolumeParams::default(),
             metrics_address: None,
             kernel_passthrough: false,
-            threads: 4,
+            threads: DEFAULT_THREADS,
             uring: true,
             capacity: None,
             control: None,

@@ -240,7 +240,7 @@ const URING_THREADS_PER_CPU: usize = 2;
 /// (see [`block_signals`]), before any other thread starts.
 pub fn run(c: DaemonConfig) -> Result<(), DaemonError> {
     crate::fs::sys::set_umask(0);
-    raise_fd_limit();
+    crate::fs::sys::raise_open_file_limit();
     let prepared = prepare(&c)?;
     let spec = MountSpec {
         fsname: c.source.to_string_lossy().into_owned(),
@@ -336,20 +336,6 @@ pub fn run(c: DaemonConfig) -> Result<(), DaemonError> {
 /// NodeUnstageVolume answers: a dead or slow collector must not hold that up (an export attempt
 /// alone may take its whole 5 s timeout).
 const FINAL_SPAN_FLUSH: Duration = Duration::from_secs(1);
-
-/// Every open file of the volume holds a descriptor here: allow as many as the hard limit.
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
 
 /// Block the signals the daemon handles, so that only the signal thread receives them.
 pub fn block_signals() -> nix::Result<()> {

@@ -236,12 +236,6 @@ fn files_made_by_other_users_belong_to_them_and_permissions_hold() {
 #[test]
 fn many_files_need_no_descriptor_each_and_forgotten_inodes_are_dropped() {
     let v = Volume::start(&["layers="]);
-    for i in 0..3000 {
-        fs::write(v.path(&format!("f{i}")), b"x").unwrap();
-    }
-    for i in 0..3000 {
-        assert_eq!(fs::metadata(v.path(&format!("f{i}"))).unwrap().len(), 1);
-    }
     let pid = Command::new("pgrep")
         .args(["-f", &format!("{BIN} {}", v.source.display())])
         .output()
@@ -253,11 +247,45 @@ fn many_files_need_no_descriptor_each_and_forgotten_inodes_are_dropped() {
         .trim()
         .to_string();
     assert!(!pid.is_empty(), "daemon pid");
+    // The descriptor cache is sized from the daemon's own open-file limit.
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let soft: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|n| n.parse().ok())
+        .expect("the daemon's open-file limit");
+    let capacity = interposer_fs::fs::inodes::fd_cache_capacity(soft);
+    let files = capacity + 2000;
+    for i in 0..files {
+        fs::write(v.path(&format!("f{i}")), b"x").unwrap();
+    }
+    for i in 0..files {
+        assert_eq!(fs::metadata(v.path(&format!("f{i}"))).unwrap().len(), 1);
+    }
     let fds = fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
-    let bound = interposer_fs::fs::inodes::FD_CACHE_CAPACITY + 64;
+    let bound = capacity + 64;
     assert!(
         fds < bound,
-        "3000 known inodes must not hold 3000 descriptors (holding {fds}, bound {bound})"
+        "{files} known inodes must not hold a descriptor each (holding {fds}, bound {bound})"
+    );
+    for i in 0..files {
+        fs::remove_file(v.path(&format!("f{i}"))).unwrap();
+    }
+    // Dropping the kernel's dentries and inodes makes it forget the nodes; their cached
+    // descriptors go with them.
+    fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let fds = loop {
+        let fds = fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+        if fds < 64 || std::time::Instant::now() > deadline {
+            break fds;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(
+        fds < 64,
+        "forgotten nodes keep no descriptor (holding {fds})"
     );
 }
 

@@ -485,6 +485,37 @@ pub fn set_umask(mask: u32) -> u32 {
     unsafe { libc::umask(mask as libc::mode_t) as u32 }
 }
 
+/// The process's open-file limits (soft, hard).
+fn open_file_limits() -> (u64, u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        (lim.rlim_cur, lim.rlim_max)
+    } else {
+        (1024, 1024)
+    }
+}
+
+/// How many descriptors this process may hold.
+pub fn open_file_limit() -> u64 {
+    open_file_limits().0
+}
+
+/// Every open file of a volume holds a descriptor in its daemon: allow as many as the hard
+/// limit. Left as it is if the kernel refuses.
+pub fn raise_open_file_limit() {
+    let (soft, hard) = open_file_limits();
+    if soft < hard {
+        let lim = libc::rlimit {
+            rlim_cur: hard,
+            rlim_max: hard,
+        };
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
+}
+
 /// Convert a `CStr` target for symlinks.
 pub fn cpath(p: &std::path::Path) -> FsResult<CString> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)
