@@ -272,8 +272,8 @@ fn many_files_need_no_descriptor_each_and_forgotten_inodes_are_dropped() {
     for i in 0..files {
         fs::remove_file(v.path(&format!("f{i}"))).unwrap();
     }
-    // Dropping the kernel's dentries and inodes makes it forget the nodes; their cached
-    // descriptors go with them.
+    // A removed file's inode leaves the kernel, which then forgets its node (dropping the
+    // dentry and inode caches makes sure of it); the node's cached descriptor goes with it.
     fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let fds = loop {
