@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Weak, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 
 use crate::fs::errno::{Errno, FsResult};
 use crate::fs::op::{Caller, Op, OpInfo, OpSet, Outcome};
-use crate::fs::passthrough::{DirEntry, Entry, Passthrough, SetAttrs, SetTime, Xattr};
+use crate::fs::passthrough::{Attr, DirEntry, Entry, Passthrough, SetAttrs, SetTime, Xattr};
 use crate::layers::Stack;
 use crate::params::PageCache;
 
@@ -33,8 +33,8 @@ pub struct CacheConfig {
     /// How long the kernel may trust attributes and names without asking again.
     pub ttl: Duration,
     /// What happens to a file's cached pages (see `PageCache`). Kept pages (FOPEN_KEEP_CACHE)
-    /// are still dropped when the kernel sees the file's size or mtime change
-    /// (FUSE_AUTO_INVAL_DATA); `Writeback` also asks for FUSE_WRITEBACK_CACHE.
+    /// are still dropped when SOURCE changes the file behind the mount (see
+    /// [`PageInvalidator`]); `Writeback` also asks for FUSE_WRITEBACK_CACHE.
     pub page_cache: PageCache,
 }
 
@@ -69,6 +69,47 @@ impl CacheConfig {
     }
 }
 
+/// How long a FUSE worker waits for the kernel to drop a file's stale pages before it answers
+/// anyway (see [`PageInvalidator`]).
+const INVALIDATION_WAIT: Duration = Duration::from_millis(100);
+
+/// A file whose cached pages are stale, and who waits for them to be dropped.
+type Invalidation = (u64, mpsc::SyncSender<()>);
+
+/// Drops the kernel's cached pages of files that SOURCE changed behind the mount.
+///
+/// With `pageCache` `keep` or `dropOnOpen` over the daemon's reads and writes, the kernel is
+/// told to leave a file's pages alone when it sees a new mtime (FUSE_EXPLICIT_INVAL_DATA instead
+/// of FUSE_AUTO_INVAL_DATA). A write through the mount changes the mtime too, and its pages are
+/// already current: otherwise the first `stat` after every write would throw them away, and the
+/// next read would fetch them again. The daemon knows which changes are its own
+/// (`InodeData::tell`) and asks for the others to be dropped before it answers.
+///
+/// The request goes out from a thread of its own: the kernel locks each cached page to drop
+/// it, and a reader holds that lock while its READ waits for a FUSE worker, so a worker sending
+/// it could wait for itself. The worker waits at most [`INVALIDATION_WAIT`].
+pub struct PageInvalidator {
+    requests: mpsc::Receiver<Invalidation>,
+}
+
+impl PageInvalidator {
+    /// Serve invalidations through `notifier` until the filesystem is dropped.
+    pub fn spawn(self, notifier: fuser::Notifier) -> std::io::Result<()> {
+        std::thread::Builder::new()
+            .name("invalidator".into())
+            .spawn(move || {
+                for (ino, done) in self.requests {
+                    // Not known to the kernel any more is fine: nothing is cached.
+                    if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
+                        log::warn!("cached pages of node {ino} not dropped: {e}");
+                    }
+                    let _ = done.try_send(());
+                }
+            })
+            .map(|_| ())
+    }
+}
+
 thread_local! {
     /// Each FUSE worker's buffer for READ replies: grown (and zeroed) once to the largest
     /// read asked for (at most `max_read`, 1 MiB), not allocated and zeroed per request.
@@ -95,6 +136,12 @@ pub struct Interposer {
     backing_by_ino: Mutex<HashMap<u64, Weak<BackingId>>>,
     /// Keeps each handle's backing id alive until release.
     backing_by_fh: Mutex<HashMap<u64, Arc<BackingId>>>,
+    /// Where files SOURCE changed behind the mount go to have their pages dropped; `None` where
+    /// the kernel drops them itself (FUSE_AUTO_INVAL_DATA: the writeback cache, where it trusts
+    /// its own size and mtime, and kernel passthrough, where it caches no pages of its own).
+    stale_pages: Option<mpsc::Sender<Invalidation>>,
+    /// The other end of `stale_pages`, until the daemon starts it.
+    invalidator: Mutex<Option<PageInvalidator>>,
 }
 
 /// What a passthrough result tells layers (bytes moved, handle opened).
@@ -105,6 +152,7 @@ trait Measure {
 }
 impl Measure for () {}
 impl Measure for libc::stat {}
+impl Measure for Attr {}
 impl Measure for libc::statvfs {}
 impl Measure for Entry {}
 impl Measure for i64 {}
@@ -227,6 +275,13 @@ impl Interposer {
         kernel_passthrough: bool,
         faulted: OpSet,
     ) -> Self {
+        let (stale_pages, invalidator) =
+            if kernel_passthrough || cache.page_cache == PageCache::Writeback {
+                (None, None)
+            } else {
+                let (tx, rx) = mpsc::channel();
+                (Some(tx), Some(PageInvalidator { requests: rx }))
+            };
         Interposer {
             fs,
             stack,
@@ -235,6 +290,26 @@ impl Interposer {
             faulted,
             backing_by_ino: Mutex::new(HashMap::new()),
             backing_by_fh: Mutex::new(HashMap::new()),
+            stale_pages,
+            invalidator: Mutex::new(invalidator),
+        }
+    }
+
+    /// The thread that drops stale pages, to start once the session is up; `None` where the
+    /// kernel drops them itself.
+    pub fn take_page_invalidator(&self) -> Option<PageInvalidator> {
+        self.invalidator.lock().take()
+    }
+
+    /// Before telling the kernel a node's attributes: if SOURCE changed the file behind the
+    /// mount, have its cached pages dropped first.
+    fn drop_stale_pages(&self, ino: u64, changed_behind: bool) {
+        let Some(queue) = self.stale_pages.as_ref().filter(|_| changed_behind) else {
+            return;
+        };
+        let (done, dropped) = mpsc::sync_channel(1);
+        if queue.send((ino, done)).is_ok() {
+            let _ = dropped.recv_timeout(INVALIDATION_WAIT);
         }
     }
 
@@ -275,11 +350,14 @@ impl Interposer {
 
     fn reply_entry(&self, r: FsResult<Entry>, reply: ReplyEntry) {
         match r {
-            Ok(e) => reply.entry(
-                &self.cache.ttl,
-                &to_attr(e.ino, &e.attr),
-                Generation(e.generation.into()),
-            ),
+            Ok(e) => {
+                self.drop_stale_pages(e.ino, e.changed_behind);
+                reply.entry(
+                    &self.cache.ttl,
+                    &to_attr(e.ino, &e.attr),
+                    Generation(e.generation.into()),
+                )
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -334,8 +412,14 @@ impl Interposer {
 impl Filesystem for Interposer {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
-        // Kept pages are dropped when a refreshed size or mtime differs from the cached one.
-        let _ = config.add_capabilities(InitFlags::FUSE_AUTO_INVAL_DATA);
+        // Who drops kept pages when SOURCE changes a file (see `PageInvalidator`).
+        if self.stale_pages.is_some() {
+            config
+                .add_capabilities(InitFlags::FUSE_EXPLICIT_INVAL_DATA)
+                .map_err(|_| std::io::Error::other("this kernel has no explicit invalidation"))?;
+        } else {
+            let _ = config.add_capabilities(InitFlags::FUSE_AUTO_INVAL_DATA);
+        }
         // We kill set-user-ID/set-group-ID bits and file capabilities ourselves (see
         // `Passthrough::write`); without this the kernel asks for `security.capability` before
         // every single write, which halves small-write throughput.
@@ -394,7 +478,10 @@ impl Filesystem for Interposer {
         let mut info = self.info(Op::Getattr, req, ino.0, &resolve);
         info.fh = fh.map(|f| f.0);
         match self.run(&info, || self.fs.getattr(ino.0, fh.map(|f| f.0))) {
-            Ok(st) => reply.attr(&self.cache.ttl, &to_attr(ino.0, &st)),
+            Ok(a) => {
+                self.drop_stale_pages(ino.0, a.changed_behind);
+                reply.attr(&self.cache.ttl, &to_attr(ino.0, &a.st))
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -764,7 +851,10 @@ impl Filesystem for Interposer {
                     }
                 };
                 let attr = match &entry {
-                    Some(entry) => to_attr(entry.ino, &entry.attr),
+                    Some(entry) => {
+                        self.drop_stale_pages(entry.ino, entry.changed_behind);
+                        to_attr(entry.ino, &entry.attr)
+                    }
                     // The kernel takes nothing from these but the name and type.
                     None => {
                         let mut st = zeroed_stat();
@@ -918,6 +1008,7 @@ impl Filesystem for Interposer {
         let backing = self.cache.backing_flags(flags);
         match self.run(&info, || self.fs.create(c, parent.0, name, mode, backing)) {
             Ok((entry, fh)) => {
+                self.drop_stale_pages(entry.ino, entry.changed_behind);
                 let attr = to_attr(entry.ino, &entry.attr);
                 if self.kernel_passthrough {
                     if let Some(id) = self.backing_for(entry.ino, fh, |fd| reply.open_backing(fd)) {

@@ -242,6 +242,7 @@ pub fn run(c: DaemonConfig) -> Result<(), DaemonError> {
     crate::fs::sys::set_umask(0);
     crate::fs::sys::raise_open_file_limit();
     let prepared = prepare(&c)?;
+    let invalidator = prepared.fs.take_page_invalidator();
     let spec = MountSpec {
         fsname: c.source.to_string_lossy().into_owned(),
         read_only: c.read_only,
@@ -269,6 +270,11 @@ pub fn run(c: DaemonConfig) -> Result<(), DaemonError> {
             return Err(DaemonError::Session(e));
         }
     };
+    if let Some(invalidator) = invalidator {
+        invalidator
+            .spawn(session.notifier())
+            .map_err(DaemonError::Session)?;
+    }
     let signals = Signals {
         mountpoint: c.mountpoint.clone(),
         shutdown: prepared.shutdown.clone(),

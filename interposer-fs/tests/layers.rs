@@ -290,6 +290,52 @@ fn with_the_writeback_cache_small_writes_reach_the_daemon_merged_and_close_write
 }
 
 #[test]
+fn pages_written_through_the_mount_stay_cached_and_a_change_behind_it_is_read_fresh() {
+    // The kernel is asked to drop pages over /dev/fuse, whichever transport serves requests.
+    for transport in ["uring=on", "uring=off"] {
+        cached_pages_follow_source(transport);
+    }
+}
+
+fn cached_pages_follow_source(transport: &str) {
+    // No attribute caching: every stat and open asks the daemon.
+    let v = Volume::start(&[
+        "layers=metrics",
+        "metrics.address=127.0.0.1:0",
+        "cache.ttl=0s",
+        transport,
+    ]);
+    let ours = vec![b'a'; 8192];
+    fs::write(v.path("f"), &ours).unwrap();
+    // The stat sees the mtime our write set: the pages it wrote are current and stay.
+    fs::metadata(v.path("f")).unwrap();
+    let reads = operations(&v, "read");
+    assert_eq!(fs::read(v.path("f")).unwrap(), ours);
+    assert_eq!(
+        operations(&v, "read"),
+        reads,
+        "{transport}: pages written through the mount were fetched again after a stat"
+    );
+
+    // SOURCE changes the file behind the mount: same size, other bytes, another mtime (set,
+    // as two writes within one clock tick could share one).
+    let theirs = vec![b'b'; 8192];
+    fs::write(v.source_path("f"), &theirs).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(v.source_path("f"))
+        .unwrap()
+        .set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 30))
+        .unwrap();
+    assert_eq!(
+        fs::read(v.path("f")).unwrap(),
+        theirs,
+        "{transport}: the kernel kept pages SOURCE changed behind the mount"
+    );
+    assert!(operations(&v, "read") > reads);
+}
+
+#[test]
 fn an_absent_name_is_asked_for_once_and_creating_it_shows_at_once() {
     let v = Volume::start(&[
         "layers=metrics",

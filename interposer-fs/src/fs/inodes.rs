@@ -73,6 +73,54 @@ pub struct InodeData {
     /// The file was created through this mount and nothing has set `security.capability` on it
     /// since: the kernel's question before its first write can be answered without a syscall.
     pub no_file_caps: AtomicBool,
+    /// The size and mtime of a regular file the kernel was last told, folded into one number
+    /// (0: nothing told yet). See [`InodeData::tell`].
+    told: AtomicU64,
+    /// The contents changed through the mount since `told` was recorded.
+    written: AtomicBool,
+}
+
+impl InodeData {
+    fn new(reference: InodeRef, st: &libc::stat, generation: u32, created: bool) -> Self {
+        InodeData {
+            reference,
+            dev: st.st_dev,
+            ino: st.st_ino,
+            generation,
+            no_file_caps: AtomicBool::new(created),
+            told: AtomicU64::new(0),
+            written: AtomicBool::new(false),
+        }
+    }
+
+    /// The file's contents or size changed through the mount (a write, truncation, allocation
+    /// or copy): the kernel saw it happen, and what it caches already agrees.
+    pub fn wrote(&self) {
+        if !self.written.load(Ordering::Relaxed) {
+            self.written.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Record the attributes about to be told to the kernel. True when this regular file's size
+    /// or mtime changed since the kernel was last told, and not through the mount: SOURCE
+    /// changed behind it, and any page the kernel caches may be stale.
+    ///
+    /// Racing with a write through the mount can only give a needless true (the write's change
+    /// seen before `wrote`); a change behind the mount racing with one through it can be missed,
+    /// which a volume with one writer, the mount, never sees.
+    pub fn tell(&self, st: &libc::stat) -> bool {
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return false;
+        }
+        let now = (st.st_mtime as u64)
+            .wrapping_mul(1_000_000_007)
+            .wrapping_add(st.st_mtime_nsec as u64)
+            ^ (st.st_size as u64).rotate_left(29);
+        let now = now.max(1);
+        let before = self.told.swap(now, Ordering::Relaxed);
+        let ours = self.written.swap(false, Ordering::Relaxed);
+        before != 0 && before != now && !ours
+    }
 }
 
 struct Node {
@@ -108,13 +156,12 @@ impl InodeTable {
         let st = sys::fstat(root_fd.as_fd())?;
         let handles_supported = sys::name_to_handle(root_fd.as_fd()).is_ok();
         let root = Node {
-            data: Arc::new(InodeData {
-                reference: InodeRef::Fd(sys::dup(root_fd.as_fd())?),
-                dev: st.st_dev,
-                ino: st.st_ino,
-                generation: 0,
-                no_file_caps: AtomicBool::new(false),
-            }),
+            data: Arc::new(InodeData::new(
+                InodeRef::Fd(sys::dup(root_fd.as_fd())?),
+                &st,
+                0,
+                false,
+            )),
             parent: ROOT,
             name: OsString::new(),
             lookups: 1,
@@ -209,7 +256,7 @@ impl InodeTable {
 
     /// Record one kernel lookup of the object found as `parent/name`, described by `st` and
     /// reached through `reference`; `created` when this mount just created it. Returns the node
-    /// id and generation to give the kernel.
+    /// id, and its data (with the generation to give the kernel).
     ///
     /// Node ids are the backing inode numbers (so `stat` and `readdir` inside the volume show
     /// the real, stable numbers, as tools like git and rsync expect across remounts); objects on
@@ -223,18 +270,13 @@ impl InodeTable {
         reference: InodeRef,
         st: &libc::stat,
         created: bool,
-    ) -> FsResult<(u64, u32)> {
+    ) -> FsResult<(u64, Arc<InodeData>)> {
         let key = (st.st_dev, st.st_ino);
         let data = |reference| {
-            Arc::new(InodeData {
-                reference,
-                dev: st.st_dev,
-                ino: st.st_ino,
-                // Never 0, the root's; wrapping after 4 billion nodes is harmless (a collision
-                // needs the kernel to still hold the one node from 2^32 ago with this id).
-                generation: self.next_generation.fetch_add(1, Ordering::Relaxed).max(1),
-                no_file_caps: AtomicBool::new(created),
-            })
+            // Never 0, the root's; wrapping after 4 billion nodes is harmless (a collision needs
+            // the kernel to still hold the one node from 2^32 ago with this id).
+            let generation = self.next_generation.fetch_add(1, Ordering::Relaxed).max(1);
+            Arc::new(InodeData::new(reference, st, generation, created))
         };
         let mut maps = self.maps.write();
         if let Some(&id) = maps.by_key.get(&key) {
@@ -252,7 +294,7 @@ impl InodeTable {
                         node.data = data(reference);
                     }
                 }
-                return Ok((id, node.data.generation));
+                return Ok((id, node.data.clone()));
             }
         }
         let id = if st.st_dev == self.root_dev && st.st_ino > ROOT && st.st_ino < FOREIGN_IDS {
@@ -261,18 +303,17 @@ impl InodeTable {
             self.next_id.fetch_add(1, Ordering::Relaxed)
         };
         let data = data(reference);
-        let generation = data.generation;
         maps.by_key.insert(key, id);
         maps.nodes.insert(
             id,
             Node {
-                data,
+                data: data.clone(),
                 parent,
                 name: name.to_os_string(),
                 lookups: 1,
             },
         );
-        Ok((id, generation))
+        Ok((id, data))
     }
 
     /// The node id readdir should show for a backing inode number.
@@ -377,5 +418,33 @@ mod tests {
         assert_eq!(fd_cache_capacity(20_000), 5_000);
         assert_eq!(fd_cache_capacity(1 << 20), FD_CACHE_MAX);
         assert_eq!(fd_cache_capacity(u64::MAX), FD_CACHE_MAX);
+    }
+
+    #[test]
+    fn only_a_change_not_made_through_the_mount_is_told_as_changed_behind() {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        st.st_mode = libc::S_IFREG | 0o644;
+        st.st_size = 4096;
+        st.st_mtime = 1_000;
+        let node = InodeData::new(InodeRef::Fd(null.into()), &st, 1, false);
+        assert!(!node.tell(&st), "the first attributes told");
+        assert!(!node.tell(&st), "nothing changed");
+
+        st.st_mtime_nsec = 1;
+        assert!(node.tell(&st), "mtime changed behind the mount");
+        st.st_size = 0;
+        assert!(node.tell(&st), "size changed behind the mount");
+
+        node.wrote();
+        st.st_size = 10;
+        st.st_mtime = 1_001;
+        assert!(!node.tell(&st), "changed through the mount");
+        st.st_mtime = 1_002;
+        assert!(node.tell(&st), "the write was accounted for once");
+
+        st.st_mode = libc::S_IFDIR | 0o755;
+        st.st_mtime = 1_003;
+        assert!(!node.tell(&st), "only regular files cache pages");
     }
 }

@@ -17,7 +17,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::fs::creds::AsCaller;
 use crate::fs::errno::{Errno, FsResult};
-use crate::fs::inodes::{InodeRef, InodeTable};
+use crate::fs::inodes::{InodeData, InodeRef, InodeTable};
 use crate::fs::op::Caller;
 use crate::fs::quota::Quota;
 use crate::fs::sys;
@@ -28,6 +28,16 @@ pub struct Entry {
     pub ino: u64,
     pub generation: u32,
     pub attr: libc::stat,
+    /// SOURCE changed the file behind the mount (see [`InodeData::tell`]).
+    pub changed_behind: bool,
+}
+
+/// A node's attributes for the kernel.
+#[derive(Debug, Clone, Copy)]
+pub struct Attr {
+    pub st: libc::stat,
+    /// SOURCE changed the file behind the mount (see [`InodeData::tell`]).
+    pub changed_behind: bool,
 }
 
 /// A time to set: now, or a given instant.
@@ -63,6 +73,7 @@ pub struct DirEntry {
 pub struct OpenFile {
     pub fd: OwnedFd,
     pub ino: u64,
+    node: Arc<InodeData>,
     /// Serialises seek+getdents on a directory stream.
     dir_lock: Mutex<()>,
     /// The file carried a `security.capability` xattr when opened for writing: the first write
@@ -79,7 +90,7 @@ struct Handles {
 
 impl Handles {
     /// `check_caps`: the file is open for writing and may carry file capabilities.
-    fn insert(&self, fd: OwnedFd, ino: u64, check_caps: bool) -> u64 {
+    fn insert(&self, fd: OwnedFd, ino: u64, node: Arc<InodeData>, check_caps: bool) -> u64 {
         let fh = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         // One syscall here instead of a kernel round trip on every write.
         let has_caps = check_caps && sys::fgetxattr_exists(fd.as_fd(), SECURITY_CAPABILITY);
@@ -88,6 +99,7 @@ impl Handles {
             Arc::new(OpenFile {
                 fd,
                 ino,
+                node,
                 dir_lock: Mutex::new(()),
                 has_caps: AtomicBool::new(has_caps),
             }),
@@ -201,11 +213,12 @@ impl Passthrough {
         let fd = sys::openat(dir, &c, libc::O_PATH, 0)?;
         let st = sys::fstat(fd.as_fd())?;
         let reference = self.inodes.reference(fd, &st);
-        let (ino, generation) = self.inodes.remember(parent, name, reference, &st, false)?;
+        let (ino, node) = self.inodes.remember(parent, name, reference, &st, false)?;
         Ok(Entry {
             ino,
-            generation,
+            generation: node.generation,
             attr: st,
+            changed_behind: node.tell(&st),
         })
     }
 
@@ -225,14 +238,18 @@ impl Passthrough {
         self.inodes.forget(ino, n);
     }
 
-    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> FsResult<libc::stat> {
+    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> FsResult<Attr> {
         if let Some(fh) = fh {
             if let Ok(f) = self.fd_of(fh) {
-                return sys::fstat(f.fd.as_fd());
+                let st = sys::fstat(f.fd.as_fd())?;
+                let changed_behind = f.node.tell(&st);
+                return Ok(Attr { st, changed_behind });
             }
         }
         let fd = self.inodes.path_fd(ino)?;
-        sys::fstat(fd.as_fd())
+        let st = sys::fstat(fd.as_fd())?;
+        let changed_behind = self.inodes.get(ino)?.tell(&st);
+        Ok(Attr { st, changed_behind })
     }
 
     pub fn setattr(
@@ -244,6 +261,7 @@ impl Passthrough {
     ) -> FsResult<libc::stat> {
         let open = fh.and_then(|fh| self.fd_of(fh).ok());
         let path_fd = self.inodes.path_fd(ino)?;
+        let node = self.inodes.get(ino)?;
         let _as = AsCaller::new(caller)?;
         if let Some(mode) = set.mode {
             sys::chmod_fd(path_fd.as_fd(), mode & 0o7777)?;
@@ -276,7 +294,13 @@ impl Passthrough {
                 None => sys::utimens_fd(path_fd.as_fd(), times)?,
             }
         }
-        sys::fstat(path_fd.as_fd())
+        let st = sys::fstat(path_fd.as_fd())?;
+        // The kernel asked for this change and applies it to what it caches.
+        if set.size.is_some() || set.mtime.is_some() {
+            node.wrote();
+        }
+        node.tell(&st);
+        Ok(st)
     }
 
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
@@ -422,10 +446,11 @@ impl Passthrough {
 
     /// Open node `ino`; returns the new file handle.
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<u64> {
+        let node = self.inodes.get(ino)?;
         let fd = self
             .inodes
-            .open(ino, flags & !STRIP_OPEN_FLAGS & !libc::O_NOFOLLOW)?;
-        Ok(self.handles.insert(fd, ino, writable(flags)))
+            .open_data(&node, flags & !STRIP_OPEN_FLAGS & !libc::O_NOFOLLOW)?;
+        Ok(self.handles.insert(fd, ino, node, writable(flags)))
     }
 
     /// Create and open `parent/name` as the caller.
@@ -464,16 +489,19 @@ impl Passthrough {
             Some(h) => InodeRef::Handle(h),
             None => InodeRef::Fd(sys::openat(dir.as_fd(), &c, libc::O_PATH, 0)?),
         };
-        let (ino, generation) = self
+        let (ino, node) = self
             .inodes
             .remember(parent, name, reference, &st, created)?;
-        // A file this call created has no capabilities to kill.
-        let fh = self.handles.insert(fd, ino, writable(flags) && !created);
         let entry = Entry {
             ino,
-            generation,
+            generation: node.generation,
             attr: st,
+            changed_behind: node.tell(&st),
         };
+        // A file this call created has no capabilities to kill.
+        let fh = self
+            .handles
+            .insert(fd, ino, node, writable(flags) && !created);
         Ok((entry, fh))
     }
 
@@ -509,9 +537,11 @@ impl Passthrough {
                 Err(e) => return Err(e),
             }
         }
-        self.metered(f.fd.as_fd(), offset, data.len() as u64, || {
+        let written = self.metered(f.fd.as_fd(), offset, data.len() as u64, || {
             sys::pwrite(f.fd.as_fd(), data, offset).map(|n| n as u32)
-        })
+        });
+        f.node.wrote();
+        written
     }
 
     /// Run an operation that may allocate `[offset, offset+len)` in `fd`, within the quota.
@@ -548,8 +578,11 @@ impl Passthrough {
     }
 
     pub fn opendir(&self, ino: u64) -> FsResult<u64> {
-        let fd = self.inodes.open(ino, libc::O_RDONLY | libc::O_DIRECTORY)?;
-        Ok(self.handles.insert(fd, ino, false))
+        let node = self.inodes.get(ino)?;
+        let fd = self
+            .inodes
+            .open_data(&node, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        Ok(self.handles.insert(fd, ino, node, false))
     }
 
     /// Entries of directory `fh` after cookie `offset` (one batch; call again from the last
@@ -654,14 +687,15 @@ impl Passthrough {
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
         let f = self.fd_of(fh)?;
         let fd = f.fd.as_fd();
-        if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
-            return self.metered(fd, 0, 0, || sys::fallocate(fd, mode, offset, length));
-        }
         // Allocation inside the file may fill holes: the whole range is the upper bound.
-        if let Some(q) = &self.quota {
-            q.check_growth(length)?;
+        if mode & libc::FALLOC_FL_PUNCH_HOLE == 0 {
+            if let Some(q) = &self.quota {
+                q.check_growth(length)?;
+            }
         }
-        self.metered(fd, 0, 0, || sys::fallocate(fd, mode, offset, length))
+        let r = self.metered(fd, 0, 0, || sys::fallocate(fd, mode, offset, length));
+        f.node.wrote();
+        r
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -676,7 +710,7 @@ impl Passthrough {
     ) -> FsResult<u32> {
         let (fi, fo) = (self.fd_of(fh_in)?, self.fd_of(fh_out)?);
         let len = len.min(u32::MAX as u64 & !0xfff);
-        sys::copy_file_range(
+        let copied = sys::copy_file_range(
             fi.fd.as_fd(),
             offset_in,
             fo.fd.as_fd(),
@@ -684,7 +718,9 @@ impl Passthrough {
             len,
             flags,
         )
-        .map(|n| n as u32)
+        .map(|n| n as u32);
+        fo.node.wrote();
+        copied
     }
 
     pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> FsResult<i64> {
