@@ -519,7 +519,10 @@ impl Filesystem for Interposer {
         };
         let c = caller(req);
         match self.run(&info, || self.fs.setattr(c, ino.0, fh.map(|f| f.0), set)) {
-            Ok(st) => reply.attr(&self.cache.ttl, &to_attr(ino.0, &st)),
+            Ok(a) => {
+                self.drop_stale_pages(ino.0, a.changed_behind);
+                reply.attr(&self.cache.ttl, &to_attr(ino.0, &a.st))
+            }
             Err(e) => reply.error(errno(e)),
         }
     }

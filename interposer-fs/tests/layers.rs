@@ -317,22 +317,42 @@ fn cached_pages_follow_source(transport: &str) {
         "{transport}: pages written through the mount were fetched again after a stat"
     );
 
-    // SOURCE changes the file behind the mount: same size, other bytes, another mtime (set,
-    // as two writes within one clock tick could share one).
+    // SOURCE changes the file behind the mount: same size, other bytes, another mtime.
     let theirs = vec![b'b'; 8192];
-    fs::write(v.source_path("f"), &theirs).unwrap();
-    fs::File::options()
-        .write(true)
-        .open(v.source_path("f"))
-        .unwrap()
-        .set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 30))
-        .unwrap();
+    behind(&v, &theirs, 1 << 30);
     assert_eq!(
         fs::read(v.path("f")).unwrap(),
         theirs,
         "{transport}: the kernel kept pages SOURCE changed behind the mount"
     );
     assert!(operations(&v, "read") > reads);
+
+    // Seen first by a chmod through an open descriptor (no lookup on the way), a change
+    // behind the mount is still one.
+    let open = fs::File::open(v.path("f")).unwrap();
+    let later = vec![b'c'; 8192];
+    behind(&v, &later, 1 << 31);
+    use std::os::unix::fs::PermissionsExt;
+    open.set_permissions(fs::Permissions::from_mode(0o600))
+        .unwrap();
+    let mut read = vec![0; 8192];
+    open.read_exact_at(&mut read, 0).unwrap();
+    assert_eq!(
+        read, later,
+        "{transport}: the kernel kept pages SOURCE changed before a chmod"
+    );
+}
+
+/// Rewrite `f` in SOURCE behind the mount, with mtime `secs` (set: two writes within one clock
+/// tick could share one).
+fn behind(v: &Volume, data: &[u8], secs: u64) {
+    fs::write(v.source_path("f"), data).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(v.source_path("f"))
+        .unwrap()
+        .set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+        .unwrap();
 }
 
 #[test]

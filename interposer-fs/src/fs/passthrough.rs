@@ -258,7 +258,7 @@ impl Passthrough {
         ino: u64,
         fh: Option<u64>,
         set: SetAttrs,
-    ) -> FsResult<libc::stat> {
+    ) -> FsResult<Attr> {
         let open = fh.and_then(|fh| self.fd_of(fh).ok());
         let path_fd = self.inodes.path_fd(ino)?;
         let node = self.inodes.get(ino)?;
@@ -295,12 +295,13 @@ impl Passthrough {
             }
         }
         let st = sys::fstat(path_fd.as_fd())?;
-        // The kernel asked for this change and applies it to what it caches.
+        // The kernel asked for a new size or mtime and applies it to what it caches; a change
+        // of mode or owner leaves either as SOURCE had it, which may still be news.
         if set.size.is_some() || set.mtime.is_some() {
             node.wrote();
         }
-        node.tell(&st);
-        Ok(st)
+        let changed_behind = node.tell(&st);
+        Ok(Attr { st, changed_behind })
     }
 
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
