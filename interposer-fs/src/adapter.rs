@@ -140,8 +140,6 @@ pub struct Interposer {
     /// the kernel drops them itself (FUSE_AUTO_INVAL_DATA: the writeback cache, where it trusts
     /// its own size and mtime, and kernel passthrough, where it caches no pages of its own).
     stale_pages: Option<mpsc::Sender<Invalidation>>,
-    /// The other end of `stale_pages`, until the daemon starts it.
-    invalidator: Mutex<Option<PageInvalidator>>,
 }
 
 /// What a passthrough result tells layers (bytes moved, handle opened).
@@ -151,7 +149,6 @@ trait Measure {
     }
 }
 impl Measure for () {}
-impl Measure for libc::stat {}
 impl Measure for Attr {}
 impl Measure for libc::statvfs {}
 impl Measure for Entry {}
@@ -274,7 +271,7 @@ impl Interposer {
         cache: CacheConfig,
         kernel_passthrough: bool,
         faulted: OpSet,
-    ) -> Self {
+    ) -> (Self, Option<PageInvalidator>) {
         let (stale_pages, invalidator) =
             if kernel_passthrough || cache.page_cache == PageCache::Writeback {
                 (None, None)
@@ -282,7 +279,7 @@ impl Interposer {
                 let (tx, rx) = mpsc::channel();
                 (Some(tx), Some(PageInvalidator { requests: rx }))
             };
-        Interposer {
+        let fs = Interposer {
             fs,
             stack,
             cache,
@@ -291,20 +288,17 @@ impl Interposer {
             backing_by_ino: Mutex::new(HashMap::new()),
             backing_by_fh: Mutex::new(HashMap::new()),
             stale_pages,
-            invalidator: Mutex::new(invalidator),
-        }
-    }
-
-    /// The thread that drops stale pages, to start once the session is up; `None` where the
-    /// kernel drops them itself.
-    pub fn take_page_invalidator(&self) -> Option<PageInvalidator> {
-        self.invalidator.lock().take()
+        };
+        (fs, invalidator)
     }
 
     /// Before telling the kernel a node's attributes: if SOURCE changed the file behind the
     /// mount, have its cached pages dropped first.
     fn drop_stale_pages(&self, ino: u64, changed_behind: bool) {
-        let Some(queue) = self.stale_pages.as_ref().filter(|_| changed_behind) else {
+        if !changed_behind {
+            return;
+        }
+        let Some(queue) = &self.stale_pages else {
             return;
         };
         let (done, dropped) = mpsc::sync_channel(1);

@@ -13,7 +13,7 @@ use std::time::Duration;
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 
-use crate::adapter::{CacheConfig, Interposer};
+use crate::adapter::{CacheConfig, Interposer, PageInvalidator};
 use crate::config::DaemonConfig;
 use crate::fs::op::OpSet;
 use crate::fs::passthrough::Passthrough;
@@ -65,6 +65,8 @@ pub enum DaemonError {
 /// What was built from the configuration, ready to mount.
 struct Prepared {
     fs: Interposer,
+    /// Drops stale pages once the session is up; `None` where the kernel drops them itself.
+    invalidator: Option<PageInvalidator>,
     live: Arc<LiveAttributes>,
     tunable: Tunable,
     passthrough: Arc<Passthrough>,
@@ -208,7 +210,7 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
         let p = passthrough.clone();
         m.count_inodes_with(move || p.inodes().len());
     }
-    let fs = Interposer::new(
+    let (fs, invalidator) = Interposer::new(
         passthrough.clone(),
         Stack::new(layers),
         CacheConfig {
@@ -224,6 +226,7 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
     );
     Ok(Prepared {
         fs,
+        invalidator,
         live,
         tunable,
         passthrough,
@@ -242,7 +245,6 @@ pub fn run(c: DaemonConfig) -> Result<(), DaemonError> {
     crate::fs::sys::set_umask(0);
     crate::fs::sys::raise_open_file_limit();
     let prepared = prepare(&c)?;
-    let invalidator = prepared.fs.take_page_invalidator();
     let spec = MountSpec {
         fsname: c.source.to_string_lossy().into_owned(),
         read_only: c.read_only,
@@ -270,7 +272,7 @@ pub fn run(c: DaemonConfig) -> Result<(), DaemonError> {
             return Err(DaemonError::Session(e));
         }
     };
-    if let Some(invalidator) = invalidator {
+    if let Some(invalidator) = prepared.invalidator {
         invalidator
             .spawn(session.notifier())
             .map_err(DaemonError::Session)?;

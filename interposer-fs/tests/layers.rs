@@ -5,7 +5,7 @@ mod common;
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -332,7 +332,6 @@ fn cached_pages_follow_source(transport: &str) {
     let open = fs::File::open(v.path("f")).unwrap();
     let later = vec![b'c'; 8192];
     behind(&v, &later, 1 << 31);
-    use std::os::unix::fs::PermissionsExt;
     open.set_permissions(fs::Permissions::from_mode(0o600))
         .unwrap();
     let mut read = vec![0; 8192];
