@@ -11,7 +11,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, Weak, mpsc};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     BackingId, CopyFileRangeFlags, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
@@ -73,6 +73,10 @@ impl CacheConfig {
 /// anyway (see [`PageInvalidator`]).
 const INVALIDATION_WAIT: Duration = Duration::from_millis(100);
 
+/// The shortest interval between two checks of the open files for changes behind the mount
+/// (with `cache.ttl=0s`): each check costs one `fstat` per open file.
+const RECHECK_MIN: Duration = Duration::from_millis(100);
+
 /// A file whose cached pages are stale, and who waits for them to be dropped.
 type Invalidation = (u64, mpsc::SyncSender<()>);
 
@@ -83,27 +87,51 @@ type Invalidation = (u64, mpsc::SyncSender<()>);
 /// of FUSE_AUTO_INVAL_DATA). A write through the mount changes the mtime too, and its pages are
 /// already current: otherwise the first `stat` after every write would throw them away, and the
 /// next read would fetch them again. The daemon knows which changes are its own
-/// (`InodeData::tell`) and asks for the others to be dropped before it answers.
+/// (`InodeData::tell`) and has the others dropped:
+/// - before it answers with the new attributes (a lookup, `stat`, open…), on a worker's request;
+/// - for the files held open, every `cache.ttl` (at least [`RECHECK_MIN`]): a read does not ask
+///   for attributes, so a process reading a file it keeps open would otherwise never see a
+///   change made behind the mount (with FUSE_AUTO_INVAL_DATA the kernel asked on a read once
+///   the attributes had expired).
 ///
-/// The request goes out from a thread of its own: the kernel locks each cached page to drop
-/// it, and a reader holds that lock while its READ waits for a FUSE worker, so a worker sending
-/// it could wait for itself. The worker waits at most [`INVALIDATION_WAIT`].
+/// The kernel is told from a thread of its own: it locks each cached page to drop it, and a
+/// reader holds that lock while its READ waits for a FUSE worker, so a worker telling it could
+/// wait for itself. The worker waits at most [`INVALIDATION_WAIT`].
 pub struct PageInvalidator {
     requests: mpsc::Receiver<Invalidation>,
+    fs: Arc<Passthrough>,
+    recheck: Duration,
 }
 
 impl PageInvalidator {
     /// Serve invalidations through `notifier` until the filesystem is dropped.
     pub fn spawn(self, notifier: fuser::Notifier) -> std::io::Result<()> {
+        let drop_pages = move |ino: u64| match notifier.inval_inode(INodeNo(ino), 0, 0) {
+            // Not known to the kernel any more: nothing is cached.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => log::warn!("cached pages of node {ino} not dropped: {e}"),
+            Ok(()) => {}
+        };
         std::thread::Builder::new()
             .name("invalidator".into())
             .spawn(move || {
-                for (ino, done) in self.requests {
-                    // Not known to the kernel any more is fine: nothing is cached.
-                    if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
-                        log::warn!("cached pages of node {ino} not dropped: {e}");
+                let mut next_check = Instant::now() + self.recheck;
+                loop {
+                    let wait = next_check.saturating_duration_since(Instant::now());
+                    match self.requests.recv_timeout(wait) {
+                        Ok((ino, done)) => {
+                            drop_pages(ino);
+                            let _ = done.try_send(());
+                        }
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            self.fs
+                                .open_files_changed_behind()
+                                .into_iter()
+                                .for_each(&drop_pages);
+                            next_check = Instant::now() + self.recheck;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
                     }
-                    let _ = done.try_send(());
                 }
             })
             .map(|_| ())
@@ -277,7 +305,12 @@ impl Interposer {
                 (None, None)
             } else {
                 let (tx, rx) = mpsc::channel();
-                (Some(tx), Some(PageInvalidator { requests: rx }))
+                let invalidator = PageInvalidator {
+                    requests: rx,
+                    fs: fs.clone(),
+                    recheck: cache.ttl.max(RECHECK_MIN),
+                };
+                (Some(tx), Some(invalidator))
             };
         let fs = Interposer {
             fs,

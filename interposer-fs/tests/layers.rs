@@ -340,6 +340,20 @@ fn cached_pages_follow_source(transport: &str) {
         read, later,
         "{transport}: the kernel kept pages SOURCE changed before a chmod"
     );
+
+    // A reader that keeps the file open asks for no attributes: the daemon checks open files
+    // itself (every cache.ttl, here its floor of 100 ms).
+    let last = vec![b'd'; 8192];
+    behind(&v, &last, 1 << 32);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while read != last && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        open.read_exact_at(&mut read, 0).unwrap();
+    }
+    assert_eq!(
+        read, last,
+        "{transport}: a file held open still read pages SOURCE changed 3 s ago"
+    );
 }
 
 /// Rewrite `f` in SOURCE behind the mount, with mtime `secs` (set: two writes within one clock

@@ -252,6 +252,16 @@ impl Passthrough {
         Ok(Attr { st, changed_behind })
     }
 
+    /// The open files whose size or mtime SOURCE changed behind the mount since the kernel was
+    /// last told (see `InodeData::tell`). One `fstat` per open file.
+    pub fn open_files_changed_behind(&self) -> Vec<u64> {
+        let open: Vec<Arc<OpenFile>> = self.handles.map.read().values().cloned().collect();
+        open.iter()
+            .filter(|f| sys::fstat(f.fd.as_fd()).is_ok_and(|st| f.node.tell(&st)))
+            .map(|f| f.ino)
+            .collect()
+    }
+
     pub fn setattr(
         &self,
         caller: Caller,
