@@ -144,6 +144,8 @@ pub struct InodeTable {
     next_generation: AtomicU32,
     /// False when SOURCE's filesystem refused `name_to_handle_at`.
     handles_supported: bool,
+    /// The mount id `name_to_handle_at` gives for SOURCE (0 without handles).
+    root_mount: i32,
     root_dev: u64,
     root_ino: u64,
     /// node id → `O_PATH` descriptor; sharded, each shard bounded to `fd_shard_capacity`.
@@ -154,7 +156,9 @@ pub struct InodeTable {
 impl InodeTable {
     pub fn new(root_fd: OwnedFd) -> FsResult<Self> {
         let st = sys::fstat(root_fd.as_fd())?;
-        let handles_supported = sys::name_to_handle(root_fd.as_fd()).is_ok();
+        let root_mount = sys::name_to_handle_at(root_fd.as_fd(), c".")
+            .ok()
+            .map(|(_, mount)| mount);
         let root = Node {
             data: Arc::new(InodeData::new(
                 InodeRef::Fd(sys::dup(root_fd.as_fd())?),
@@ -175,7 +179,8 @@ impl InodeTable {
             next_id: AtomicU64::new(FOREIGN_IDS),
             next_generation: AtomicU32::new(1),
             root_ino: st.st_ino,
-            handles_supported,
+            handles_supported: root_mount.is_some(),
+            root_mount: root_mount.unwrap_or(0),
             root_dev: st.st_dev,
             fd_cache: std::array::from_fn(|_| parking_lot::Mutex::new(HashMap::new())),
             fd_shard_capacity: fd_cache_capacity(sys::open_file_limit()) / FD_SHARDS,
@@ -316,6 +321,51 @@ impl InodeTable {
         Ok((id, data))
     }
 
+    /// The node a name the kernel looks up again already is, told without opening the object:
+    /// `st` is what `fstatat` said `parent/name` is, and `handle_now` gives the name's kernel
+    /// handle and mount id, asked after that. None: not a node we hold, not on SOURCE's
+    /// filesystem, or the name now names another object; the caller opens it and remembers it.
+    ///
+    /// Why two calls by name are enough: a handle equal to the node's says the node's inode
+    /// existed when it was asked; it existed when the node was remembered, so it existed in
+    /// between, when the name was `stat`ed. A filesystem gives an inode number to one live
+    /// inode at a time, so the inode `st` describes is the node's own.
+    pub fn revisit(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        st: &libc::stat,
+        handle_now: impl FnOnce() -> Option<(KernelHandle, i32)>,
+    ) -> Option<(u64, Arc<InodeData>)> {
+        if !self.handles_supported || st.st_dev != self.root_dev {
+            return None;
+        }
+        let (id, data) = {
+            let maps = self.maps.read();
+            let id = *maps.by_key.get(&(st.st_dev, st.st_ino))?;
+            (id, maps.nodes.get(&id)?.data.clone())
+        };
+        let InodeRef::Handle(known) = &data.reference else {
+            return None;
+        };
+        match handle_now() {
+            Some((now, mount)) if now == *known && mount == self.root_mount => {}
+            _ => return None,
+        }
+        let mut maps = self.maps.write();
+        let node = maps.nodes.get_mut(&id)?;
+        // Forgotten and remembered again meanwhile: that record may be of another object.
+        if !Arc::ptr_eq(&node.data, &data) {
+            return None;
+        }
+        node.lookups += 1;
+        if node.parent != parent || node.name != name {
+            node.parent = parent;
+            node.name = name.to_os_string();
+        }
+        Some((id, data))
+    }
+
     /// The node id readdir should show for a backing inode number.
     pub fn id_for_ino(&self, ino: u64) -> u64 {
         if ino == self.root_ino { ROOT } else { ino }
@@ -446,5 +496,54 @@ mod tests {
         st.st_mode = libc::S_IFDIR | 0o755;
         st.st_mtime = 1_003;
         assert!(!node.tell(&st), "only regular files cache pages");
+    }
+
+    #[test]
+    fn a_name_looked_up_again_is_its_node_only_while_it_names_the_same_object() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"f").unwrap();
+        std::fs::write(dir.path().join("g"), b"g").unwrap();
+        let table = InodeTable::new(std::fs::File::open(dir.path()).unwrap().into()).unwrap();
+        assert!(
+            table.handles_supported(),
+            "{}: no file handles",
+            dir.path().display()
+        );
+        let name = OsStr::new("f");
+        let fd = sys::openat(table.root_fd(), c"f", libc::O_PATH, 0).unwrap();
+        let st = sys::fstat(fd.as_fd()).unwrap();
+        let (id, _) = table
+            .remember(ROOT, name, table.reference(fd, &st), &st, false)
+            .unwrap();
+        let now = || sys::name_to_handle_at(table.root_fd(), c"f").ok();
+        let (handle, mount) = now().unwrap();
+
+        assert_eq!(
+            table.revisit(ROOT, name, &st, now).map(|(i, _)| i),
+            Some(id)
+        );
+        let other = sys::name_to_handle_at(table.root_fd(), c"g").unwrap().0;
+        assert!(
+            table
+                .revisit(ROOT, name, &st, || Some((other, mount)))
+                .is_none(),
+            "the name now names another object with the same number"
+        );
+        assert!(
+            table
+                .revisit(ROOT, name, &st, || Some((handle, mount + 1)))
+                .is_none(),
+            "the name is on another mount"
+        );
+        assert!(table.revisit(ROOT, name, &st, || None).is_none());
+
+        // The revisit counted as a lookup: two to forget.
+        table.forget(id, 1);
+        assert!(table.revisit(ROOT, name, &st, now).is_some());
+        table.forget(id, 2);
+        assert!(
+            table.revisit(ROOT, name, &st, now).is_none(),
+            "a forgotten node"
+        );
     }
 }

@@ -6,7 +6,7 @@
 //! make an operation land outside it.
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
+use std::ffi::{CStr, OsStr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
@@ -114,7 +114,7 @@ impl Handles {
     }
 }
 
-const SECURITY_CAPABILITY: &std::ffi::CStr = c"security.capability";
+const SECURITY_CAPABILITY: &CStr = c"security.capability";
 
 /// Flags never passed to the backing open: the kernel already handled them, or they would break
 /// our buffers (O_DIRECT needs aligned memory).
@@ -158,6 +158,16 @@ fn to_timespec(t: Option<SetTime>) -> libc::timespec {
                 tv_nsec: nsec,
             }
         }
+    }
+}
+
+/// The reply to a lookup of node `ino`, whose attributes are `st`.
+fn entry(ino: u64, node: &InodeData, st: libc::stat) -> Entry {
+    Entry {
+        ino,
+        generation: node.generation,
+        attr: st,
+        changed_behind: node.tell(&st),
     }
 }
 
@@ -207,31 +217,37 @@ impl Passthrough {
         self.handles.get(fh)
     }
 
-    /// Look `name` up in the already-open directory `dir`, and remember it as a node.
-    fn enter(&self, parent: u64, dir: BorrowedFd<'_>, name: &OsStr) -> FsResult<Entry> {
-        let c = sys::cname(name)?;
-        let fd = sys::openat(dir, &c, libc::O_PATH, 0)?;
+    /// Open `name` (`c`) in the directory `dir`, and remember it as a node.
+    fn enter(&self, parent: u64, dir: BorrowedFd<'_>, name: &OsStr, c: &CStr) -> FsResult<Entry> {
+        let fd = sys::openat(dir, c, libc::O_PATH, 0)?;
         let st = sys::fstat(fd.as_fd())?;
         let reference = self.inodes.reference(fd, &st);
         let (ino, node) = self.inodes.remember(parent, name, reference, &st, false)?;
-        Ok(Entry {
-            ino,
-            generation: node.generation,
-            attr: st,
-            changed_behind: node.tell(&st),
-        })
+        Ok(entry(ino, &node, st))
     }
 
+    /// The kernel looks a name up when it first meets it, and again each time its entry expires
+    /// (`cache.ttl`). The name then usually still names the node it knew: two calls by name
+    /// (`fstatat`, `name_to_handle_at`) tell, instead of four that open the object (see
+    /// `InodeTable::revisit`). A name first met costs the `fstatat` more.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Entry> {
         let dir = self.inodes.path_fd(parent)?;
-        self.enter(parent, dir.as_fd(), name)
+        let c = sys::cname(name)?;
+        let st = sys::fstatat_nofollow(dir.as_fd(), &c)?;
+        let known = self.inodes.revisit(parent, name, &st, || {
+            sys::name_to_handle_at(dir.as_fd(), &c).ok()
+        });
+        match known {
+            Some((ino, node)) => Ok(entry(ino, &node, st)),
+            None => self.enter(parent, dir.as_fd(), name, &c),
+        }
     }
 
     /// `lookup` of `name` in the open directory `fh` of node `parent` (for listings that carry
     /// each entry's attributes).
     pub fn lookup_in(&self, fh: u64, parent: u64, name: &OsStr) -> FsResult<Entry> {
         let dir = self.fd_of(fh)?;
-        self.enter(parent, dir.fd.as_fd(), name)
+        self.enter(parent, dir.fd.as_fd(), name, &sys::cname(name)?)
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
@@ -325,7 +341,7 @@ impl Passthrough {
         caller: Caller,
         parent: u64,
         name: &OsStr,
-        make: impl FnOnce(BorrowedFd<'_>, &std::ffi::CStr) -> FsResult<()>,
+        make: impl FnOnce(BorrowedFd<'_>, &CStr) -> FsResult<()>,
     ) -> FsResult<Entry> {
         let dir = self.inodes.path_fd(parent)?;
         let c = sys::cname(name)?;
@@ -333,7 +349,7 @@ impl Passthrough {
             let _as = AsCaller::new(caller)?;
             make(dir.as_fd(), &c)?;
         }
-        let entry = self.enter(parent, dir.as_fd(), name)?;
+        let entry = self.enter(parent, dir.as_fd(), name, &c)?;
         if let Some(q) = &self.quota {
             if entry.attr.st_nlink <= 1 || entry.attr.st_mode & libc::S_IFMT == libc::S_IFDIR {
                 q.created(&entry.attr);
@@ -343,7 +359,7 @@ impl Passthrough {
     }
 
     /// For accounting: what `dir/name` is before it loses that name.
-    fn victim(&self, dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> Option<libc::stat> {
+    fn victim(&self, dir: BorrowedFd<'_>, name: &CStr) -> Option<libc::stat> {
         self.quota.as_ref()?;
         sys::fstatat_nofollow(dir, name).ok()
     }
@@ -503,12 +519,7 @@ impl Passthrough {
         let (ino, node) = self
             .inodes
             .remember(parent, name, reference, &st, created)?;
-        let entry = Entry {
-            ino,
-            generation: node.generation,
-            attr: st,
-            changed_behind: node.tell(&st),
-        };
+        let entry = entry(ino, &node, st);
         // A file this call created has no capabilities to kill.
         let fh = self
             .handles
@@ -767,7 +778,7 @@ enum Opened {
 /// what our open changed (an `O_TRUNC`).
 fn open_or_create(
     dir: BorrowedFd<'_>,
-    name: &std::ffi::CStr,
+    name: &CStr,
     flags: i32,
     mode: u32,
 ) -> FsResult<(OwnedFd, Opened)> {

@@ -112,6 +112,16 @@ struct RawHandle {
 
 /// The file handle of the object `fd` refers to (symlinks included, never followed).
 pub fn name_to_handle(fd: BorrowedFd<'_>) -> FsResult<KernelHandle> {
+    handle_at(fd, EMPTY, libc::AT_EMPTY_PATH).map(|(h, _)| h)
+}
+
+/// The file handle of `dir/name` (a symlink itself, never followed), and the id of the mount
+/// it is on.
+pub fn name_to_handle_at(dir: BorrowedFd<'_>, name: &CStr) -> FsResult<(KernelHandle, i32)> {
+    handle_at(dir, name, 0)
+}
+
+fn handle_at(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> FsResult<(KernelHandle, i32)> {
     let mut raw = RawHandle {
         handle_bytes: MAX_HANDLE_SZ as u32,
         handle_type: 0,
@@ -121,18 +131,19 @@ pub fn name_to_handle(fd: BorrowedFd<'_>) -> FsResult<KernelHandle> {
     check(unsafe {
         libc::syscall(
             libc::SYS_name_to_handle_at,
-            fd.as_raw_fd(),
-            EMPTY.as_ptr(),
+            dir.as_raw_fd(),
+            name.as_ptr(),
             &mut raw as *mut RawHandle,
             &mut mount_id as *mut libc::c_int,
-            libc::AT_EMPTY_PATH,
+            flags,
         ) as libc::c_int
     })?;
     let len = (raw.handle_bytes as usize).min(MAX_HANDLE_SZ);
-    Ok(KernelHandle {
+    let handle = KernelHandle {
         handle_type: raw.handle_type,
         bytes: raw.f_handle[..len].into(),
-    })
+    };
+    Ok((handle, mount_id))
 }
 
 /// Open the object named by `handle` on the filesystem of `mount_fd`. Needs CAP_DAC_READ_SEARCH,
