@@ -229,10 +229,14 @@ impl Passthrough {
     /// The kernel looks a name up when it first meets it, and again each time its entry expires
     /// (`cache.ttl`). The name then usually still names the node it knew: two calls by name
     /// (`fstatat`, `name_to_handle_at`) tell, instead of four that open the object (see
-    /// `InodeTable::revisit`). A name first met costs the `fstatat` more.
+    /// `InodeTable::revisit`). A name first met costs the `fstatat` more; without file handles
+    /// there is nothing to match, and the object is opened at once.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Entry> {
         let dir = self.inodes.path_fd(parent)?;
         let c = sys::cname(name)?;
+        if !self.inodes.handles_supported() {
+            return self.enter(parent, dir.as_fd(), name, &c);
+        }
         let st = sys::fstatat_nofollow(dir.as_fd(), &c)?;
         let known = self.inodes.revisit(parent, name, &st, || {
             sys::name_to_handle_at(dir.as_fd(), &c).ok()
