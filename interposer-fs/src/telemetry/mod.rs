@@ -3,3 +3,4 @@
 
 pub mod metrics_server;
 pub mod otlp;
+mod otlp_wire;
