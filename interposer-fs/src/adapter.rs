@@ -22,7 +22,7 @@ use fuser::{
 use parking_lot::Mutex;
 
 use crate::fs::errno::{Errno, FsResult};
-use crate::fs::op::{Caller, Op, OpInfo, OpSet, Outcome};
+use crate::fs::op::{Caller, Op, OpInfo, OpSet, Outcome, ResolvePaths};
 use crate::fs::passthrough::{Attr, DirEntry, Entry, Passthrough, SetAttrs, SetTime, Xattr};
 use crate::layers::Stack;
 use crate::params::PageCache;
@@ -365,13 +365,7 @@ impl Interposer {
         }
     }
 
-    fn info<'a>(
-        &self,
-        op: Op,
-        req: &Request,
-        ino: u64,
-        resolve: &'a dyn Fn(&OpInfo<'_>) -> (String, Option<String>),
-    ) -> OpInfo<'a> {
+    fn info<'a>(&self, op: Op, req: &Request, ino: u64, resolve: ResolvePaths<'a>) -> OpInfo<'a> {
         OpInfo::new(op, caller(req), ino, resolve)
     }
 

@@ -407,45 +407,58 @@ impl InodeTable {
     }
 
     /// Path of node `id` relative to the root (`""` for the root, `?` where unknown).
-    pub fn path(&self, id: u64) -> String {
-        let maps = self.maps.read();
-        let mut parts: Vec<&OsStr> = Vec::new();
-        let mut cur = id;
-        // Bounded walk: a cycle would be a bug, but must never hang an operation.
-        for _ in 0..4096 {
-            if cur == ROOT {
-                break;
-            }
-            match maps.nodes.get(&cur) {
-                Some(node) => {
-                    parts.push(&node.name);
-                    cur = node.parent;
-                }
-                None => {
-                    parts.push(OsStr::new("?"));
-                    break;
-                }
-            }
-        }
-        let mut out = Vec::new();
-        for (i, p) in parts.iter().rev().enumerate() {
-            if i > 0 {
-                out.push(b'/');
-            }
-            out.extend_from_slice(p.as_bytes());
-        }
-        String::from_utf8_lossy(&out).into_owned()
+    pub fn path(&self, id: u64) -> Arc<str> {
+        self.path_with(id, None)
     }
 
     /// Path of `name` inside node `parent`.
-    pub fn child_path(&self, parent: u64, name: &OsStr) -> String {
-        let p = self.path(parent);
-        let name = name.to_string_lossy();
-        if p.is_empty() {
-            name.into_owned()
-        } else {
-            format!("{p}/{name}")
+    pub fn child_path(&self, parent: u64, name: &OsStr) -> Arc<str> {
+        self.path_with(parent, Some(name))
+    }
+
+    /// The names from node `id` up to the root joined by `/`, then `child`: assembled from the
+    /// end in a per-thread buffer, so a path costs one allocation, shared by every span that
+    /// carries it.
+    fn path_with(&self, id: u64, child: Option<&OsStr>) -> Arc<str> {
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        let maps = self.maps.read();
+        let nodes = &maps.nodes;
+        // `child`, then the names up to the root. Bounded walk: a cycle would be a bug, but must
+        // never hang an operation.
+        let parts = move || {
+            let (mut cur, mut steps) = (id, 0);
+            let up = std::iter::from_fn(move || {
+                if cur == ROOT || steps == 4096 {
+                    return None;
+                }
+                steps += 1;
+                match nodes.get(&cur) {
+                    Some(node) => {
+                        cur = node.parent;
+                        Some(node.name.as_bytes())
+                    }
+                    None => {
+                        cur = ROOT;
+                        Some(b"?".as_slice())
+                    }
+                }
+            });
+            child.map(OsStr::as_bytes).into_iter().chain(up)
+        };
+        let (count, bytes) = parts().fold((0, 0), |(n, len), p| (n + 1, len + p.len()));
+        let len = bytes + count.max(1) - 1;
+        BUF.with_borrow_mut(|buf| {
+            buf.clear();
+            buf.resize(len, b'/');
+            let mut end = len;
+            for part in parts() {
+                buf[end - part.len()..end].copy_from_slice(part);
+                end = end.saturating_sub(part.len() + 1);
+            }
+            Arc::from(String::from_utf8_lossy(buf).as_ref())
+        })
     }
 
     /// Number of live nodes (root included).
@@ -544,6 +557,41 @@ mod tests {
         assert!(
             table.revisit(ROOT, name, &st, now).is_none(),
             "a forgotten node"
+        );
+    }
+
+    #[test]
+    fn a_path_joins_the_names_from_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("a/bé")).unwrap();
+        let table = InodeTable::new(std::fs::File::open(dir.path()).unwrap().into()).unwrap();
+        let remember = |parent: u64, name: &str| {
+            let parent_fd = table.path_fd(parent).unwrap();
+            let c = std::ffi::CString::new(name).unwrap();
+            let fd = sys::openat(parent_fd.as_fd(), &c, libc::O_PATH, 0).unwrap();
+            let st = sys::fstat(fd.as_fd()).unwrap();
+            let reference = table.reference(fd, &st);
+            let (id, _) = table
+                .remember(parent, OsStr::new(name), reference, &st, false)
+                .unwrap();
+            id
+        };
+        let a = remember(ROOT, "a");
+        let b = remember(a, "bé");
+
+        assert_eq!(&*table.path(ROOT), "");
+        assert_eq!(&*table.path(a), "a");
+        assert_eq!(&*table.path(b), "a/bé");
+        assert_eq!(&*table.child_path(ROOT, OsStr::new("x")), "x");
+        assert_eq!(&*table.child_path(b, OsStr::new("x.txt")), "a/bé/x.txt");
+        assert_eq!(&*table.path(999_999), "?", "a node the table does not know");
+        assert_eq!(&*table.child_path(999_999, OsStr::new("n")), "?/n");
+        // Each path is built from scratch: a longer one before does not leak into it.
+        assert_eq!(&*table.child_path(a, OsStr::new("c")), "a/c");
+        assert_eq!(
+            &*table.child_path(ROOT, OsStr::from_bytes(b"\xff")),
+            "\u{fffd}",
+            "a name that is not UTF-8 is shown lossily"
         );
     }
 }

@@ -5,6 +5,7 @@
 //! what lets a layer be a few dozen lines.
 
 use std::cell::{Cell, OnceCell};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A filesystem operation, named as FUSE names it (lower case in the parameter contract).
@@ -166,6 +167,10 @@ pub struct Caller {
     pub gid: u32,
 }
 
+/// How an [`OpInfo`] learns its path (and, for rename and link, the new path) when a layer first
+/// asks.
+pub type ResolvePaths<'a> = &'a dyn Fn(&OpInfo<'_>) -> (Arc<str>, Option<Arc<str>>);
+
 /// What layers get to know about one call. Built by the adapter, borrowed by every layer.
 ///
 /// The path is resolved lazily (only a layer that needs it pays), and the cells let inner layers
@@ -180,9 +185,9 @@ pub struct OpInfo<'a> {
     /// Requested size (read/write/copy/fallocate length).
     pub size: Option<u64>,
     pub flags: Option<i32>,
-    path: OnceCell<String>,
-    new_path: OnceCell<String>,
-    resolve: &'a dyn Fn(&OpInfo<'_>) -> (String, Option<String>),
+    path: OnceCell<Arc<str>>,
+    new_path: OnceCell<Arc<str>>,
+    resolve: ResolvePaths<'a>,
     /// Set by the fault layer when it failed this operation on purpose.
     pub injected_errno: Cell<Option<i32>>,
     /// Set by the fault layer when it delayed this operation on purpose.
@@ -192,12 +197,7 @@ pub struct OpInfo<'a> {
 }
 
 impl<'a> OpInfo<'a> {
-    pub fn new(
-        op: Op,
-        caller: Caller,
-        ino: u64,
-        resolve: &'a dyn Fn(&OpInfo<'_>) -> (String, Option<String>),
-    ) -> Self {
+    pub fn new(op: Op, caller: Caller, ino: u64, resolve: ResolvePaths<'a>) -> Self {
         OpInfo {
             op,
             caller,
@@ -229,27 +229,26 @@ impl<'a> OpInfo<'a> {
         self
     }
 
-    fn resolve_paths(&self) {
-        if self.path.get().is_none() {
-            let (p, np) = (self.resolve)(self);
-            let _ = self.path.set(p);
-            if let Some(np) = np {
+    fn resolve_paths(&self) -> &Arc<str> {
+        self.path.get_or_init(|| {
+            let (path, new_path) = (self.resolve)(self);
+            if let Some(np) = new_path {
                 let _ = self.new_path.set(np);
             }
-        }
+            path
+        })
     }
 
     /// Path of the file the operation is about, relative to the volume root (`""` is the root).
     /// Resolved once, when first asked, from the state before the operation ran.
-    pub fn path(&self) -> &str {
-        self.resolve_paths();
-        self.path.get().map(String::as_str).unwrap_or("")
+    pub fn path(&self) -> &Arc<str> {
+        self.resolve_paths()
     }
 
     /// For rename and link: the new path.
-    pub fn new_path(&self) -> Option<&str> {
+    pub fn new_path(&self) -> Option<&Arc<str>> {
         self.resolve_paths();
-        self.new_path.get().map(String::as_str)
+        self.new_path.get()
     }
 }
 

@@ -203,7 +203,7 @@ mod tests {
             None,
         );
         let run = |op: Op, path: &'static str| {
-            let resolve = move |_: &OpInfo<'_>| (path.to_string(), None);
+            let resolve = move |_: &OpInfo<'_>| (Arc::from(path), None);
             let info = OpInfo::new(
                 op,
                 Caller {
@@ -224,7 +224,7 @@ mod tests {
     #[test]
     fn retuning_switches_faults_on_and_off_and_keeps_the_seed() {
         let l = layer(5, 0.0);
-        let resolve = |_: &OpInfo<'_>| (String::from("f"), None);
+        let resolve = |_: &OpInfo<'_>| (Arc::from("f"), None);
         let caller = Caller {
             pid: 1,
             uid: 0,
@@ -258,7 +258,7 @@ mod tests {
             Shutdown::new(),
             None,
         );
-        let resolve = |_: &OpInfo<'_>| (String::from("f"), None);
+        let resolve = |_: &OpInfo<'_>| (Arc::from("f"), None);
         let info = OpInfo::new(
             Op::Read,
             Caller {

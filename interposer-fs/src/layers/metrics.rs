@@ -221,7 +221,7 @@ mod tests {
     fn operations_bytes_and_errors_show_in_the_exposition() {
         let m = Metrics::new(vec![("volume".into(), "v1".into())]);
         let layer = MetricsLayer::new(m.clone());
-        let resolve = |_: &OpInfo<'_>| (String::new(), None);
+        let resolve = |_: &OpInfo<'_>| (Arc::from(""), None);
         let caller = Caller {
             pid: 1,
             uid: 0,

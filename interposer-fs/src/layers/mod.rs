@@ -113,7 +113,7 @@ mod tests {
             Box::new(Record("outer", log.clone())),
             Box::new(Record("inner", log.clone())),
         ]);
-        let resolve = |_: &OpInfo<'_>| (String::new(), None);
+        let resolve = |_: &OpInfo<'_>| (Arc::from(""), None);
         let info = OpInfo::new(
             Op::Read,
             Caller {

@@ -114,10 +114,11 @@ impl TraceLayer {
     }
 
     fn attributes(&self, info: &OpInfo<'_>) -> Vec<KeyValue> {
-        let mut attrs = Vec::with_capacity(12);
-        attrs.push(KeyValue::new("file.path", info.path().to_string()));
+        // Room for every attribute below and the pod's (name and namespace): one allocation.
+        let mut attrs = Vec::with_capacity(16);
+        attrs.push(KeyValue::new("file.path", shared(info.path())));
         if let Some(np) = info.new_path() {
-            attrs.push(KeyValue::new("interposer.new_path", np.to_string()));
+            attrs.push(KeyValue::new("interposer.new_path", shared(np)));
         }
         let tid = info.caller.pid;
         match self.process_of(tid) {
@@ -154,7 +155,7 @@ impl TraceLayer {
         if let Some(errno) = info.injected_errno.get() {
             span.add_event(
                 "fault.injected",
-                vec![KeyValue::new("error.type", errno_name(errno).into_owned())],
+                vec![KeyValue::new("error.type", errno_name(errno))],
             );
             span.set_attribute(KeyValue::new("interposer.fault.injected", true));
         }
@@ -192,12 +193,18 @@ impl TraceLayer {
                 }
             }
             Err(errno) => {
-                let name = errno_name(errno.0).into_owned();
+                // A static name for every errno the kernel knows: no allocation.
+                let name = errno_name(errno.0);
                 span.set_attribute(KeyValue::new("error.type", name.clone()));
                 span.set_status(Status::error(name));
             }
         }
     }
+}
+
+/// A path as a span attribute: shared with the operation, not copied.
+fn shared(path: &Arc<str>) -> StringValue {
+    StringValue::from(Arc::clone(path))
 }
 
 impl Layer for TraceLayer {
@@ -220,7 +227,7 @@ impl Layer for TraceLayer {
                 .span_builder("file.session")
                 .with_kind(SpanKind::Internal)
                 .with_start_time(start)
-                .with_attributes(vec![KeyValue::new("file.path", info.path().to_string())])
+                .with_attributes(vec![KeyValue::new("file.path", shared(info.path()))])
                 .start(&self.tracer);
             parent = Context::new().with_span(session);
         }
