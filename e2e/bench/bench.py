@@ -16,6 +16,7 @@ Usage: bench.py [--short] [--reps N] [--runtime S] [--json FILE] [--work DIR] [-
                 [--passthrough-hp BIN] [--configs A,B] [--workloads WORDS,WORDS] [--seed N]
   --short      a few seconds per workload (what CI runs, to keep the benchmark from rotting)
   --jaeger     a Jaeger binary to run during the benchmark, so ifs-trace/ifs-all pay for real export
+               (ifs-all-sink exports the same spans to a receiver that only counts them)
   --passthrough-hp  libfuse's passthrough_hp (e2e/install-deps builds it), for its configuration
   --configs    only these configurations (native is always measured: it is what ratios divide by)
   --workloads  only the workloads whose title contains one of these (comma-separated) words;
@@ -29,14 +30,20 @@ import os
 import random
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IFS = os.path.join(REPO, "target", "release", "interposer-fs")
+# An OTLP receiver that only counts spans (interposer-fs/examples/otlp_sink.rs), for the
+# configurations whose spans go there instead of to Jaeger.
+SINK = os.path.join(REPO, "target", "release", "examples", "otlp_sink")
+SINK_ADDR = "127.0.0.1:4327"
 DRIVER = os.path.join(REPO, "target", "release", "csi-interposer")
 CTL = os.path.join(REPO, "target", "release", "csi-interposer-ctl")
 
@@ -58,11 +65,15 @@ CONFIGS = [
     ("ifs-throttle", ["layers=throttle", "throttle.readBytesPerSecond=1000Gi",
                       "throttle.writeBytesPerSecond=1000Gi", "uring=off"]),
     ("ifs-all", LAYERS_ALL + ["uring=off"]),
+    ("ifs-all-sink", LAYERS_ALL + ["uring=off"]),
     ("ifs-uring", ["layers=", "uring=on"]),
     ("ifs-all-uring", LAYERS_ALL + ["uring=on"]),
     ("ifs-kpassthrough", ["layers=", "kernelPassthrough=true", "uring=off"]),
     ("ifs-writeback", ["layers=", "pageCache=writeback", "uring=off"]),
 ]
+# Configurations whose spans go to the counting sink, not to Jaeger: the same daemon and export,
+# without a real collector's CPU on the workload's two cores (in a cluster it runs elsewhere).
+TO_SINK = {"ifs-all-sink"}
 
 
 def sh(cmd, **kw):
@@ -131,7 +142,8 @@ class Mounts:
                     args += ["-o", o]
                 if "uring=on" in opts:
                     enable_fuse_uring()
-                p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://{SINK_ADDR}") if name in TO_SINK else None
+                p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
                 self.procs[name] = p
                 wait_mounted(mnt, p)
                 # The daemon's "serving" line names its transport; a fallback would mislabel the row.
@@ -328,7 +340,7 @@ def workloads(short, runtime=None):
 
 
 # Workloads too long to run on every configuration: the ones users compare.
-APP_CONFIGS = {"pgbench, data directory on the mount": ["native", "bindfs", "ifs-none", "ifs-all", "ifs-uring",
+APP_CONFIGS = {"pgbench, data directory on the mount": ["native", "bindfs", "ifs-none", "ifs-all", "ifs-all-sink", "ifs-uring",
                                                      "ifs-all-uring", "ifs-kpassthrough", "ifs-writeback"]}
 # Workloads a configuration cannot run. passthrough_hp keeps a descriptor open per inode the
 # kernel knows, and the source tree has more files than the open-file limit allows; it serves
@@ -388,6 +400,32 @@ def settle(collector, limit=15.0):
         if now - before < 0.02:  # under 8% of a core
             return
         before = now
+
+
+class Sink:
+    """The counting OTLP receiver, started for the run; `spans` is its running total."""
+
+    def __init__(self):
+        if not os.access(SINK, os.X_OK):
+            raise RuntimeError(f"{SINK} is not built (cargo build --release -p interposer-fs --example otlp_sink)")
+        self.spans = 0
+        self.proc = subprocess.Popen([SINK, SINK_ADDR], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+        host, port = SINK_ADDR.rsplit(":", 1)
+        deadline = time.time() + 10
+        while True:
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"the counting sink did not listen on {SINK_ADDR}")
+                time.sleep(0.05)
+
+    def _read(self):
+        for line in self.proc.stdout:
+            fields = dict(f.split("=", 1) for f in line.split())
+            self.spans = int(fields.get("spans", self.spans))
 
 
 def mount_latency(work, samples, uring):
@@ -488,12 +526,15 @@ def main():
     extra = {}
     collector = {}  # config -> (collector CPU seconds, workload seconds)
     shuffle = random.Random(a.seed)
-    jaeger = None
+    jaeger = sink = None
     if a.jaeger:
         jaeger = subprocess.Popen([a.jaeger], cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://127.0.0.1:4317"
         time.sleep(3)
+    sunk = {}  # config -> spans the sink received during its workloads
     try:
+        if any(n in TO_SINK for n, _ in configs):
+            sink = Sink()
         mounts.mount_all(configs)
         idle_rss = {n: rss_kib(p.pid, "VmRSS") for n, p in mounts.procs.items()}
         for rep in range(reps):
@@ -504,15 +545,19 @@ def main():
                 shuffle.shuffle(order)
                 for name in order:
                     print(f"[rep {rep + 1}/{reps}] {title}: {name}", file=sys.stderr, flush=True)
+                    own = sink.proc if name in TO_SINK else jaeger
                     settle(jaeger)
-                    c0, t0 = cpu_seconds(jaeger.pid) if jaeger else 0.0, time.time()
+                    settle(sink and sink.proc)
+                    c0, s0, t0 = cpu_seconds(own.pid) if own else 0.0, sink.spans if sink else 0, time.time()
                     r = fn(mounts.paths[name])
                     busy = time.time() - t0
-                    if jaeger:
+                    if own:
                         time.sleep(0.6)  # past the daemons' export delay (500 ms)
-                        settle(jaeger)  # until it has ingested this run's spans
+                        settle(own)  # until it has ingested this run's spans
                         cpu, total = collector.get(name, (0.0, 0.0))
-                        collector[name] = (cpu + cpu_seconds(jaeger.pid) - c0, total + busy)
+                        collector[name] = (cpu + cpu_seconds(own.pid) - c0, total + busy)
+                    if name in TO_SINK:
+                        sunk[name] = sunk.get(name, 0) + sink.spans - s0
                     # One run measures its row and the rows without a function after it
                     # (create, stat, unlink; unpack, scan).
                     i = next(i for i, w in enumerate(wl) if w[0] == title)
@@ -522,17 +567,23 @@ def main():
         # The collector shares the workloads' CPUs here (in a cluster it runs elsewhere): how
         # much of them it took is part of what the trace layer cost in this run.
         for name, (cpu, total) in sorted(collector.items(), key=lambda c: [n for n, _ in configs].index(c[0])):
-            extra[f"collector CPU, cores busy per second of {name}'s workloads"] = cpu / total
+            what = "counting sink" if name in TO_SINK else "collector"
+            extra[f"{what} CPU, cores busy per second of {name}'s workloads"] = cpu / total
+        for name, n in sunk.items():
+            if n == 0:
+                raise RuntimeError(f"{name}: the counting sink received no spans (is export broken?)")
+            extra[f"spans the counting sink received from {name} (thousands)"] = n / 1000
         if a.workloads is None:
             extra.update(daemon_figures(work, mounts, idle_rss, a.short))
     finally:
         mounts.unmount_all()
-        if jaeger is not None:
-            jaeger.terminate()
-            try:
-                jaeger.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                jaeger.kill()
+        for p in (jaeger, sink and sink.proc):
+            if p is not None:
+                p.terminate()
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
         shutil.rmtree(work, ignore_errors=True)
     return report(a, configs, wl, results, extra, reps)
 
@@ -594,7 +645,8 @@ def report(a, configs, wl, results, extra, reps):
                             "samples": per[n]} for n in med}
     print(f"\nbench: {'short' if a.short else 'full'} mode, {reps} repetition(s), median; ratio to native in ();"
           f" configurations in shuffled order (seed {a.seed})"
-          + ("; spans exported to a local Jaeger" if a.jaeger else "; no collector listening (spans built, export fails)"))
+          + ("; spans exported to a local Jaeger" if a.jaeger else "; no collector listening (spans built, export fails)")
+          + ("; ifs-all-sink's to a local receiver that only counts them" if any(n in TO_SINK for n in names) else ""))
     print("| workload | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
     for title, row in table.items():
