@@ -140,7 +140,7 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
         _ => {}
     }
     let tracer = if p.has_layer(LayerKind::Trace) {
-        Some(otlp::tracer_provider(resource(c), p.trace.sample_ratio)?)
+        Some(otlp::tracer_provider(resource(c))?)
     } else {
         None
     };

@@ -813,3 +813,43 @@ fn faults_switch_on_and_off_on_a_running_volume_through_the_control_file() {
         t.elapsed()
     );
 }
+
+#[test]
+fn sampling_keeps_or_leaves_out_a_file_session_whole() {
+    let (receiver, endpoint, _stop) = start_receiver();
+    let mut v = Volume::start_with_env(
+        &["layers=trace", "trace.sampleRatio=0.5"],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())],
+    );
+    const FILES: usize = 200;
+    for i in 0..FILES {
+        fs::write(v.path(&format!("f{i}")), b"x").unwrap();
+    }
+    // The daemon sends what it holds before it exits.
+    assert!(
+        v.stop().is_some_and(|s| s.success()),
+        "the daemon exits cleanly"
+    );
+    let spans = receiver.spans.lock().unwrap();
+    let mut sessions = 0;
+    for i in 0..FILES {
+        let path = format!("f{i}");
+        let count = |name: &str| {
+            spans
+                .iter()
+                .filter(|(_, s)| s.name == name && attr(s, "file.path").as_deref() == Some(&path))
+                .count()
+        };
+        let (session, create, write) = (count("file.session"), count("create"), count("write"));
+        assert!(
+            matches!((session, create, write), (0, 0, 0) | (1, 1, 1)),
+            "{path}: {session} session, {create} create, {write} write spans: a session's \
+             operations are sampled with it"
+        );
+        sessions += session;
+    }
+    assert!(
+        (FILES / 5..=FILES * 4 / 5).contains(&sessions),
+        "{sessions} of {FILES} sessions sampled at a ratio of 0.5"
+    );
+}

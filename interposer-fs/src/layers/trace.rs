@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use opentelemetry::trace::{Span, SpanKind, Status, TraceContextExt, Tracer};
+use opentelemetry::trace::{Span, SpanContext, SpanKind, Status, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue, StringValue};
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use parking_lot::Mutex;
@@ -52,6 +52,7 @@ struct ProcessInfo {
 pub struct TraceLayer {
     tracer: SdkTracer,
     ops: OpSet,
+    sample_ratio: f64,
     file_spans: bool,
     /// Open-file sessions by file handle; sharded so parallel opens rarely contend.
     sessions: [Mutex<HashMap<u64, Context>>; SHARDS],
@@ -71,11 +72,19 @@ impl TraceLayer {
         TraceLayer {
             tracer: provider.tracer("interposer-fs"),
             ops: params.ops,
+            sample_ratio: params.sample_ratio,
             file_spans: params.file_spans,
             sessions: std::array::from_fn(|_| Mutex::new(HashMap::new())),
             comm_cache: parking_lot::RwLock::new(HashMap::new()),
             live,
         }
+    }
+
+    /// Whether a new trace (an operation outside any file session, or a new session) is
+    /// recorded: `trace.sampleRatio` of them, chosen at random. Decided here, before anything is
+    /// built, so what sampling leaves out costs nothing; the SDK then records what it is given.
+    fn sampled(&self) -> bool {
+        sample(self.sample_ratio, next_random())
     }
 
     fn shard(&self, fh: u64) -> &Mutex<HashMap<u64, Context>> {
@@ -202,6 +211,35 @@ impl TraceLayer {
     }
 }
 
+/// Whether `random` (uniform over `u64`) falls within `ratio` of its range.
+fn sample(ratio: f64, random: u64) -> bool {
+    if ratio >= 1.0 {
+        return true;
+    }
+    // The top 53 bits as a fraction in [0, 1): exact in an f64.
+    ((random >> 11) as f64) / ((1u64 << 53) as f64) < ratio
+}
+
+/// A per-thread xorshift64* generator, seeded from the standard library's random hash keys:
+/// fast, and good enough to choose which operations are traced.
+fn next_random() -> u64 {
+    use std::cell::Cell;
+    use std::hash::{BuildHasher, Hasher};
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(
+            std::collections::hash_map::RandomState::new().build_hasher().finish() | 1,
+        );
+    }
+    STATE.with(|state| {
+        let mut x = state.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        state.set(x);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    })
+}
+
 /// A path as a span attribute: shared with the operation, not copied.
 fn shared(path: &Arc<str>) -> StringValue {
     StringValue::from(Arc::clone(path))
@@ -215,29 +253,38 @@ impl Layer for TraceLayer {
         if !(traced || opens_session || closes_session) {
             return next();
         }
-        let start = SystemTime::now();
-        // Parent: the file session of this handle, if any.
+        // Parent: the file session of this handle, if any; it decided for its operations.
         let mut parent = info
             .fh
-            .and_then(|fh| self.shard(fh).lock().get(&fh).cloned())
-            .unwrap_or_default();
+            .and_then(|fh| self.shard(fh).lock().get(&fh).cloned());
+        let start = SystemTime::now();
         if opens_session {
-            let session = self
-                .tracer
-                .span_builder("file.session")
-                .with_kind(SpanKind::Internal)
-                .with_start_time(start)
-                .with_attributes(vec![KeyValue::new("file.path", shared(info.path()))])
-                .start(&self.tracer);
-            parent = Context::new().with_span(session);
+            parent = Some(if self.sampled() {
+                let session = self
+                    .tracer
+                    .span_builder("file.session")
+                    .with_kind(SpanKind::Internal)
+                    .with_start_time(start)
+                    .with_attributes(vec![KeyValue::new("file.path", shared(info.path()))])
+                    .start(&self.tracer);
+                Context::new().with_span(session)
+            } else {
+                // Remembered too, so that the session's operations are left out with it.
+                Context::new().with_remote_span_context(SpanContext::empty_context())
+            });
         }
-        let mut span = traced.then(|| {
+        let recorded = match &parent {
+            Some(cx) => cx.span().span_context().is_sampled(),
+            None => self.sampled(),
+        };
+        // An operation left out by sampling costs nothing more: no attributes, no span.
+        let mut span = (traced && recorded).then(|| {
             self.tracer
                 .span_builder(info.op.name())
                 .with_kind(SpanKind::Internal)
                 .with_start_time(start)
                 .with_attributes(self.attributes(info))
-                .start_with_context(&self.tracer, &parent)
+                .start_with_context(&self.tracer, parent.as_ref().unwrap_or(&Context::new()))
         });
         let result = next();
         if let Some(span) = span.as_mut() {
@@ -245,6 +292,7 @@ impl Layer for TraceLayer {
             span.end();
         }
         if opens_session {
+            let parent = parent.unwrap_or_default();
             match result {
                 Ok(outcome) if outcome.fh.is_some() => {
                     let fh = outcome.fh.unwrap_or_default();
@@ -277,6 +325,27 @@ impl Drop for TraceLayer {
             for (_, cx) in shard.lock().drain() {
                 cx.span().end();
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ratio_of_operations_sampled_is_the_ratio_asked() {
+        assert!(sample(1.0, u64::MAX));
+        assert!(!sample(0.0, 0));
+        assert!(sample(0.5, 0) && !sample(0.5, u64::MAX));
+        for ratio in [0.01, 0.25, 0.5, 0.9] {
+            let n = 100_000;
+            let hits = (0..n).filter(|_| sample(ratio, next_random())).count();
+            let got = hits as f64 / n as f64;
+            assert!(
+                (got - ratio).abs() < 0.01,
+                "asked {ratio}, sampled {got} of {n}"
+            );
         }
     }
 }

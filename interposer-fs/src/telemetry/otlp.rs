@@ -173,14 +173,9 @@ impl Decoder for RawCodec {
     }
 }
 
-/// Build a tracer provider exporting to `OTEL_EXPORTER_OTLP_ENDPOINT`.
-///
-/// `sample_ratio` applies to root spans; children follow their parent's decision, so a sampled
-/// file session keeps all of its operations.
-pub fn tracer_provider(
-    resource: Vec<KeyValue>,
-    sample_ratio: f64,
-) -> Result<SdkTracerProvider, OtlpError> {
+/// Build a tracer provider exporting to `OTEL_EXPORTER_OTLP_ENDPOINT`. It records every span
+/// it is asked for: the trace layer samples before it asks (`trace.sampleRatio`).
+pub fn tracer_provider(resource: Vec<KeyValue>) -> Result<SdkTracerProvider, OtlpError> {
     let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
         .ok()
         .filter(|s| !s.is_empty())
@@ -225,9 +220,7 @@ pub fn tracer_provider(
         .build();
     Ok(SdkTracerProvider::builder()
         .with_span_processor(processor)
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-            sample_ratio,
-        ))))
+        .with_sampler(Sampler::AlwaysOn)
         .with_resource(resource)
         .build())
 }
