@@ -149,6 +149,8 @@ for expr, want in expected.items():
     got = value(expr)
     check(got == want, f"{expr} = {want} (got {got})")
 check((value(f'interposer_throttle_wait_seconds_total{{{sel},direction="write"}}') or 0) > 0, "throttle waits show in Prometheus")
+check((value(f'interposer_trace_spans_total{{{sel},outcome="exported"}}') or 0) > 0, "exported spans show in Prometheus")
+check(value(f'interposer_trace_spans_total{{{sel},outcome="failed"}}') == 0, "no span failed while Jaeger was up")
 
 # --- 4. The dashboard's every query parses and evaluates on real data -------------------------
 dash = json.load(open(dashboard))
@@ -174,6 +176,8 @@ for i in range(200):
 took = time.time() - t0
 check(ok == 200, f"200 of 200 writes succeeded with Jaeger down ({ok})")
 check(took < 30, f"I/O did not stall behind the dead collector ({took:.2f} s for 200 files)")
+wait_for("the spans Jaeger never took show as failed in Prometheus",
+         lambda: (value(f'interposer_trace_spans_total{{{sel},outcome="failed"}}') or 0) > 0, 60)
 subprocess.Popen(["bash", "-c", restart_cmd])
 wait_for("Jaeger is back", lambda: get_json(f"{jaeger}/api/services"), 60)
 deadline = time.time() + 60

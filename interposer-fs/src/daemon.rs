@@ -18,7 +18,7 @@ use crate::config::DaemonConfig;
 use crate::fs::op::OpSet;
 use crate::fs::passthrough::Passthrough;
 use crate::layers::fault::{self, FaultLayer};
-use crate::layers::metrics::{Metrics, MetricsLayer};
+use crate::layers::metrics::{Metrics, MetricsLayer, SpanCounters};
 use crate::layers::throttle::ThrottleLayer;
 use crate::layers::trace::{LiveAttributes, TraceLayer};
 use crate::layers::{Layer, Shutdown, Stack};
@@ -139,8 +139,13 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
         }
         _ => {}
     }
+    // Counted on the metrics endpoint when there is one.
+    let spans = match &metrics {
+        Some(m) if p.has_layer(LayerKind::Trace) => m.span_counters(),
+        _ => SpanCounters::default(),
+    };
     let tracer = if p.has_layer(LayerKind::Trace) {
-        Some(otlp::tracer_provider(resource(c))?)
+        Some(otlp::tracer_provider(resource(c), spans.clone())?)
     } else {
         None
     };
@@ -163,7 +168,12 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
         match kind {
             LayerKind::Trace => {
                 if let Some(t) = &tracer {
-                    layers.push(Box::new(TraceLayer::new(t, &p.trace, live.clone())));
+                    layers.push(Box::new(TraceLayer::new(
+                        t,
+                        &p.trace,
+                        live.clone(),
+                        spans.clone(),
+                    )));
                 }
             }
             LayerKind::Metrics => {

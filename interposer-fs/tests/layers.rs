@@ -853,3 +853,54 @@ fn sampling_keeps_or_leaves_out_a_file_session_whole() {
         "{sessions} of {FILES} sessions sampled at a ratio of 0.5"
     );
 }
+
+#[test]
+fn span_counters_show_spans_exported_and_spans_the_collector_never_took() {
+    let count = |v: &Volume, outcome: &str| {
+        let m = http_get(&v.metrics_url());
+        let series = format!(r#"interposer_trace_spans_total{{volume="mnt",outcome="{outcome}"}}"#);
+        metric(&m, &series).unwrap_or_else(|| panic!("no {series} in\n{m}"))
+    };
+    let work = |v: &Volume| {
+        for i in 0..20 {
+            fs::write(v.path(&format!("f{i}")), b"x").unwrap();
+        }
+    };
+    let settled = |v: &Volume, outcome: &str| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while count(v, outcome) < count(v, "recorded") {
+            assert!(
+                Instant::now() < deadline,
+                "{outcome} spans never caught up with recorded"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    let (receiver, endpoint, _stop) = start_receiver();
+    let v = Volume::start_with_env(
+        &["layers=trace,metrics", "metrics.address=127.0.0.1:0"],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())],
+    );
+    work(&v);
+    settled(&v, "exported");
+    let received = receiver.spans.lock().unwrap().len() as f64;
+    assert!(received >= 60.0, "3 spans or more per file, got {received}");
+    assert_eq!(count(&v, "exported"), received);
+    assert_eq!(count(&v, "recorded"), received);
+    assert_eq!(count(&v, "failed"), 0.0);
+    drop(v);
+
+    // A port nobody listens on: every batch fails once its retries are spent.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let v = Volume::start_with_env(
+        &["layers=trace,metrics", "metrics.address=127.0.0.1:0"],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())],
+    );
+    work(&v);
+    settled(&v, "failed");
+    assert!(count(&v, "failed") >= 60.0);
+    assert_eq!(count(&v, "exported"), 0.0);
+}

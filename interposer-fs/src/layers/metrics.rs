@@ -44,6 +44,24 @@ struct DirectionLabels {
     direction: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SpanLabels {
+    /// `recorded`, `exported` or `failed`.
+    outcome: &'static str,
+}
+
+/// What became of the volume's spans, for users to see spans lost before their collector:
+/// `recorded` by the trace layer (a file session when it starts), `exported` to the collector,
+/// `failed` (in a batch the collector did not take, retries included). Once the volume is idle,
+/// recorded − exported − failed were dropped from the full export queue, or are sessions still
+/// open.
+#[derive(Clone, Default)]
+pub struct SpanCounters {
+    pub recorded: Counter,
+    pub exported: Counter,
+    pub failed: Counter,
+}
+
 fn histogram() -> Histogram {
     // 10 µs .. ~10 s, factor 2.5: fine enough for p50/p99 from RAM-speed to stalled disks.
     Histogram::new(exponential_buckets(10e-6, 2.5, 16))
@@ -59,6 +77,7 @@ pub struct Metrics {
     faults: Family<FaultLabels, Counter>,
     throttle_wait: Family<DirectionLabels, Counter<f64>>,
     inodes: Gauge,
+    spans: Family<SpanLabels, Counter>,
     /// Counts the inodes the kernel holds, read at each scrape.
     inode_count: OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
 }
@@ -81,6 +100,7 @@ impl Metrics {
         let faults = Family::<FaultLabels, Counter>::default();
         let throttle_wait = Family::<DirectionLabels, Counter<f64>>::default();
         let inodes = Gauge::default();
+        let spans = Family::<SpanLabels, Counter>::default();
         registry.register(
             "operations",
             "Filesystem operations by operation and result (ok or errno name)",
@@ -120,6 +140,12 @@ impl Metrics {
             "Files and directories the kernel holds a reference to (each costs daemon memory)",
             inodes.clone(),
         );
+        registry.register(
+            "trace_spans",
+            "Spans of the trace layer by outcome: recorded, exported to the collector, or failed \
+             (the collector did not take them); recorded minus the others were dropped or are open",
+            spans.clone(),
+        );
         Arc::new(Metrics {
             registry,
             operations,
@@ -129,8 +155,19 @@ impl Metrics {
             faults,
             throttle_wait,
             inodes,
+            spans,
             inode_count: OnceLock::new(),
         })
+    }
+
+    /// The counters the trace layer and the span exporter keep (their series appear with them).
+    pub fn span_counters(&self) -> SpanCounters {
+        let get = |outcome| self.spans.get_or_create(&SpanLabels { outcome }).clone();
+        SpanCounters {
+            recorded: get("recorded"),
+            exported: get("exported"),
+            failed: get("failed"),
+        }
     }
 
     /// Where `interposer_inodes` comes from (set once, when the filesystem exists).

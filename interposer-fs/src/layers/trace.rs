@@ -18,6 +18,7 @@ use parking_lot::Mutex;
 
 use crate::fs::op::{Op, OpInfo, OpResult, OpSet};
 use crate::layers::Layer;
+use crate::layers::metrics::SpanCounters;
 use crate::params::{TraceParams, errno_name};
 
 const SHARDS: usize = 16;
@@ -60,6 +61,8 @@ pub struct TraceLayer {
     /// misnamed for long. Read-locked on the hot path; `/proc` is read with no lock held.
     comm_cache: parking_lot::RwLock<HashMap<u32, ProcessInfo>>,
     live: Arc<LiveAttributes>,
+    /// `recorded` counts each span handed to the SDK.
+    spans: SpanCounters,
 }
 
 impl TraceLayer {
@@ -67,6 +70,7 @@ impl TraceLayer {
         provider: &SdkTracerProvider,
         params: &TraceParams,
         live: Arc<LiveAttributes>,
+        spans: SpanCounters,
     ) -> Self {
         use opentelemetry::trace::TracerProvider as _;
         TraceLayer {
@@ -77,6 +81,7 @@ impl TraceLayer {
             sessions: std::array::from_fn(|_| Mutex::new(HashMap::new())),
             comm_cache: parking_lot::RwLock::new(HashMap::new()),
             live,
+            spans,
         }
     }
 
@@ -267,6 +272,7 @@ impl Layer for TraceLayer {
                     .with_start_time(start)
                     .with_attributes(vec![KeyValue::new("file.path", shared(info.path()))])
                     .start(&self.tracer);
+                self.spans.recorded.inc();
                 Context::new().with_span(session)
             } else {
                 // Remembered too, so that the session's operations are left out with it.
@@ -279,6 +285,7 @@ impl Layer for TraceLayer {
         };
         // An operation left out by sampling costs nothing more: no attributes, no span.
         let mut span = (traced && recorded).then(|| {
+            self.spans.recorded.inc();
             self.tracer
                 .span_builder(info.op.name())
                 .with_kind(SpanKind::Internal)

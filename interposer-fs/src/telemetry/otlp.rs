@@ -22,6 +22,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use super::otlp_wire;
+use crate::layers::metrics::SpanCounters;
 
 /// Default collector when `OTEL_EXPORTER_OTLP_ENDPOINT` is unset.
 pub const DEFAULT_ENDPOINT: &str = "http://localhost:4317";
@@ -52,6 +53,7 @@ struct GrpcExporter {
     runtime: tokio::runtime::Runtime,
     resource: Resource,
     encoder: Mutex<otlp_wire::Encoder>,
+    spans: SpanCounters,
 }
 
 impl std::fmt::Debug for GrpcExporter {
@@ -115,11 +117,14 @@ impl SpanExporter for GrpcExporter {
     ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
         // Called on the batch processor's own thread, never on a FUSE worker.
         let body = Bytes::copy_from_slice(self.encoder.lock().request(&self.resource, &batch));
+        let n = batch.len() as u64;
         drop(batch);
-        let result = self
-            .runtime
-            .block_on(self.send(body))
-            .map_err(|s| OTelSdkError::InternalFailure(format!("OTLP export: {s}")));
+        let result = self.runtime.block_on(self.send(body));
+        match &result {
+            Ok(()) => self.spans.exported.inc_by(n),
+            Err(_) => self.spans.failed.inc_by(n),
+        };
+        let result = result.map_err(|s| OTelSdkError::InternalFailure(format!("OTLP export: {s}")));
         std::future::ready(result)
     }
 
@@ -175,7 +180,11 @@ impl Decoder for RawCodec {
 
 /// Build a tracer provider exporting to `OTEL_EXPORTER_OTLP_ENDPOINT`. It records every span
 /// it is asked for: the trace layer samples before it asks (`trace.sampleRatio`).
-pub fn tracer_provider(resource: Vec<KeyValue>) -> Result<SdkTracerProvider, OtlpError> {
+/// What it exports, or fails to, is counted in `spans`.
+pub fn tracer_provider(
+    resource: Vec<KeyValue>,
+    spans: SpanCounters,
+) -> Result<SdkTracerProvider, OtlpError> {
     let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
         .ok()
         .filter(|s| !s.is_empty())
@@ -202,6 +211,7 @@ pub fn tracer_provider(resource: Vec<KeyValue>) -> Result<SdkTracerProvider, Otl
         runtime,
         resource: Resource::builder_empty().build(),
         encoder: Mutex::new(otlp_wire::Encoder::default()),
+        spans,
     };
     // The queue's slots are allocated and touched up front (~400 bytes each): 16,384 of them
     // hold a third of a second at 50,000 operations/s and keep an idle daemon small; a full
