@@ -262,29 +262,30 @@ impl Layer for TraceLayer {
         let mut parent = info
             .fh
             .and_then(|fh| self.shard(fh).lock().get(&fh).cloned());
-        let start = SystemTime::now();
+        let recorded = match &parent {
+            Some(cx) if !opens_session => cx.span().span_context().is_sampled(),
+            _ => self.sampled(),
+        };
+        // What sampling leaves out costs nothing more: no clock read, no attributes, no span.
+        let start = recorded.then(SystemTime::now);
         if opens_session {
-            parent = Some(if self.sampled() {
-                let session = self
-                    .tracer
-                    .span_builder("file.session")
-                    .with_kind(SpanKind::Internal)
-                    .with_start_time(start)
-                    .with_attributes(vec![KeyValue::new("file.path", shared(info.path()))])
-                    .start(&self.tracer);
-                self.spans.recorded.inc();
-                Context::new().with_span(session)
-            } else {
+            parent = Some(match start {
+                Some(start) => {
+                    let session = self
+                        .tracer
+                        .span_builder("file.session")
+                        .with_kind(SpanKind::Internal)
+                        .with_start_time(start)
+                        .with_attributes(vec![KeyValue::new("file.path", shared(info.path()))])
+                        .start(&self.tracer);
+                    self.spans.recorded.inc();
+                    Context::new().with_span(session)
+                }
                 // Remembered too, so that the session's operations are left out with it.
-                Context::new().with_remote_span_context(SpanContext::empty_context())
+                None => Context::new().with_remote_span_context(SpanContext::empty_context()),
             });
         }
-        let recorded = match &parent {
-            Some(cx) => cx.span().span_context().is_sampled(),
-            None => self.sampled(),
-        };
-        // An operation left out by sampling costs nothing more: no attributes, no span.
-        let mut span = (traced && recorded).then(|| {
+        let mut span = start.filter(|_| traced).map(|start| {
             self.spans.recorded.inc();
             self.tracer
                 .span_builder(info.op.name())

@@ -120,12 +120,15 @@ impl SpanExporter for GrpcExporter {
         let n = batch.len() as u64;
         drop(batch);
         let result = self.runtime.block_on(self.send(body));
-        match &result {
-            Ok(()) => self.spans.exported.inc_by(n),
-            Err(_) => self.spans.failed.inc_by(n),
+        let outcome = if result.is_ok() {
+            &self.spans.exported
+        } else {
+            &self.spans.failed
         };
-        let result = result.map_err(|s| OTelSdkError::InternalFailure(format!("OTLP export: {s}")));
-        std::future::ready(result)
+        outcome.inc_by(n);
+        std::future::ready(
+            result.map_err(|s| OTelSdkError::InternalFailure(format!("OTLP export: {s}"))),
+        )
     }
 
     fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
