@@ -151,6 +151,7 @@ for expr, want in expected.items():
 check((value(f'interposer_throttle_wait_seconds_total{{{sel},direction="write"}}') or 0) > 0, "throttle waits show in Prometheus")
 check((value(f'interposer_trace_spans_total{{{sel},outcome="exported"}}') or 0) > 0, "exported spans show in Prometheus")
 check(value(f'interposer_trace_spans_total{{{sel},outcome="failed"}}') == 0, "no span failed while Jaeger was up")
+check(value(f'interposer_trace_spans_total{{{sel},outcome="dropped"}}') == 0, "no span was dropped from the export queue")
 
 # --- 4. The dashboard's every query parses and evaluates on real data -------------------------
 dash = json.load(open(dashboard))

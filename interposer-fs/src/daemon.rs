@@ -10,9 +10,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use opentelemetry::KeyValue;
-use opentelemetry_sdk::trace::SdkTracerProvider;
-
 use crate::adapter::{CacheConfig, Interposer, PageInvalidator};
 use crate::config::DaemonConfig;
 use crate::fs::op::OpSet;
@@ -24,7 +21,9 @@ use crate::layers::trace::{LiveAttributes, TraceLayer};
 use crate::layers::{Layer, Shutdown, Stack};
 use crate::mount::{self, MountSpec};
 use crate::params::{LayerKind, PageCache, VolumeParams, is_volume_key};
-use crate::telemetry::{metrics_server, otlp};
+use crate::telemetry::metrics_server;
+use crate::telemetry::otlp::{self, SpanExport};
+use crate::telemetry::span::{Attribute, Value};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -71,7 +70,7 @@ struct Prepared {
     tunable: Tunable,
     passthrough: Arc<Passthrough>,
     shutdown: Arc<Shutdown>,
-    tracer: Option<SdkTracerProvider>,
+    export: Option<SpanExport>,
 }
 
 /// The layers whose settings can change on a running volume, and the settings now in force.
@@ -95,9 +94,12 @@ fn check_paths(c: &DaemonConfig) -> Result<(), DaemonError> {
     }
 }
 
-fn resource(c: &DaemonConfig) -> Vec<KeyValue> {
+fn resource(c: &DaemonConfig) -> Vec<Attribute> {
     let id = &c.identity;
-    let mut attrs = vec![KeyValue::new("interposer.volume.id", id.volume_id.clone())];
+    let mut attrs = vec![(
+        "interposer.volume.id",
+        Value::Shared(id.volume_id.as_str().into()),
+    )];
     let optional = [
         ("k8s.node.name", &id.node_name),
         ("k8s.pvc.name", &id.pvc_name),
@@ -105,7 +107,7 @@ fn resource(c: &DaemonConfig) -> Vec<KeyValue> {
     ];
     for (k, v) in optional {
         if let Some(v) = v {
-            attrs.push(KeyValue::new(k, v.clone()));
+            attrs.push((k, Value::Shared(v.as_str().into())));
         }
     }
     attrs
@@ -144,8 +146,8 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
         Some(m) if p.has_layer(LayerKind::Trace) => m.span_counters(),
         _ => SpanCounters::default(),
     };
-    let tracer = if p.has_layer(LayerKind::Trace) {
-        Some(otlp::tracer_provider(resource(c), spans.clone())?)
+    let export = if p.has_layer(LayerKind::Trace) {
+        Some(SpanExport::start(resource(c), spans)?)
     } else {
         None
     };
@@ -167,13 +169,8 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
     for kind in &p.layers {
         match kind {
             LayerKind::Trace => {
-                if let Some(t) = &tracer {
-                    layers.push(Box::new(TraceLayer::new(
-                        t,
-                        &p.trace,
-                        live.clone(),
-                        spans.clone(),
-                    )));
+                if let Some(e) = &export {
+                    layers.push(Box::new(TraceLayer::new(e.queue(), &p.trace, live.clone())));
                 }
             }
             LayerKind::Metrics => {
@@ -241,7 +238,7 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
         tunable,
         passthrough,
         shutdown,
-        tracer,
+        export,
     })
 }
 
@@ -343,8 +340,8 @@ pub fn run(c: DaemonConfig) -> Result<(), DaemonError> {
     }
     let result = session.run().map_err(DaemonError::Session);
     prepared.shutdown.trigger();
-    if let Some(t) = prepared.tracer {
-        let _ = t.shutdown_with_timeout(FINAL_SPAN_FLUSH);
+    if let Some(e) = prepared.export {
+        e.shutdown(FINAL_SPAN_FLUSH);
     }
     result
 }

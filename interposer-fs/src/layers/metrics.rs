@@ -46,20 +46,20 @@ struct DirectionLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SpanLabels {
-    /// `recorded`, `exported` or `failed`.
+    /// `recorded`, `exported`, `failed` or `dropped`.
     outcome: &'static str,
 }
 
 /// What became of the volume's spans, for users to see spans lost before their collector:
-/// `recorded` by the trace layer (a file session when it starts), `exported` to the collector,
-/// `failed` (in a batch the collector did not take, retries included). Once the volume is idle,
-/// recorded − exported − failed were dropped from the full export queue, or are sessions still
-/// open.
+/// `recorded` by the trace layer (when the span ends), then `exported` to the collector,
+/// `failed` (in a batch the collector did not take, retries included) or `dropped` (the export
+/// queue was full). Once the queue is empty, recorded = exported + failed + dropped.
 #[derive(Clone, Default)]
 pub struct SpanCounters {
     pub recorded: Counter,
     pub exported: Counter,
     pub failed: Counter,
+    pub dropped: Counter,
 }
 
 fn histogram() -> Histogram {
@@ -142,8 +142,8 @@ impl Metrics {
         );
         registry.register(
             "trace_spans",
-            "Spans of the trace layer by outcome: recorded, exported to the collector, or failed \
-             (the collector did not take them); recorded minus the others were dropped or are open",
+            "Spans of the trace layer by outcome: recorded, then exported to the collector, failed \
+             (the collector did not take them) or dropped (the export queue was full)",
             spans.clone(),
         );
         Arc::new(Metrics {
@@ -167,6 +167,7 @@ impl Metrics {
             recorded: get("recorded"),
             exported: get("exported"),
             failed: get("failed"),
+            dropped: get("dropped"),
         }
     }
 

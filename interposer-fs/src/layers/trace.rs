@@ -4,39 +4,36 @@
 //! semantic conventions where one exists (`file.path`, `process.pid`, `error.type`) and use the
 //! `interposer.*` namespace otherwise. With `trace.fileSpans` on, `open`/`create` start a
 //! `file.session` span that ends at `release`; every operation on that handle is its child, so
-//! Jaeger shows one tree per opened file. Spans are only queued here; export is the batch
-//! processor's business (see `telemetry::otlp`).
+//! Jaeger shows one tree per opened file. This layer decides what is sampled, gives spans their
+//! ids and builds each finished span as a [`SpanRecord`]; it only queues them. Export is the
+//! export thread's business (see `telemetry::otlp`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use opentelemetry::trace::{Span, SpanContext, SpanKind, Status, TraceContextExt, Tracer};
-use opentelemetry::{Context, KeyValue, StringValue};
-use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use parking_lot::Mutex;
+use smallvec::SmallVec;
 
-use crate::fs::op::{Op, OpInfo, OpResult, OpSet};
+use crate::fs::op::{Op, OpInfo, OpResult, OpSet, Outcome};
 use crate::layers::Layer;
-use crate::layers::metrics::SpanCounters;
 use crate::params::{TraceParams, errno_name};
+use crate::telemetry::otlp::SpanQueue;
+use crate::telemetry::span::{self, Attribute, Event, SpanRecord, Value};
 
 const SHARDS: usize = 16;
 
 /// Attributes that can change while the volume runs (the pod using it, learnt at publish time,
 /// after the daemon started): added to every span.
 #[derive(Default)]
-pub struct LiveAttributes(parking_lot::RwLock<Vec<KeyValue>>);
+pub struct LiveAttributes(parking_lot::RwLock<Vec<(&'static str, Arc<str>)>>);
 
 impl LiveAttributes {
     /// Set (or replace) `key`. The value is shared, not copied, by every span that carries it.
     pub fn set(&self, key: &'static str, value: String) {
         let mut attrs = self.0.write();
-        attrs.retain(|kv| kv.key.as_str() != key);
-        attrs.push(KeyValue::new(
-            key,
-            StringValue::from(Arc::<str>::from(value)),
-        ));
+        attrs.retain(|(k, _)| *k != key);
+        attrs.push((key, value.into()));
     }
 }
 
@@ -50,49 +47,48 @@ struct ProcessInfo {
     read_at: Instant,
 }
 
+/// An open file's session span, from open or create until release.
+struct Session {
+    /// `None`: sampling left the session out, and its operations with it.
+    ids: Option<(u128, u64)>,
+    start: u64,
+    path: Arc<str>,
+}
+
 pub struct TraceLayer {
-    tracer: SdkTracer,
+    queue: Arc<SpanQueue>,
     ops: OpSet,
     sample_ratio: f64,
     file_spans: bool,
     /// Open-file sessions by file handle; sharded so parallel opens rarely contend.
-    sessions: [Mutex<HashMap<u64, Context>>; SHARDS],
+    sessions: [Mutex<HashMap<u64, Session>>; SHARDS],
     /// thread id → ((tgid, process name), when read). Bounded; refreshed so a reused id is not
     /// misnamed for long. Read-locked on the hot path; `/proc` is read with no lock held.
     comm_cache: parking_lot::RwLock<HashMap<u32, ProcessInfo>>,
     live: Arc<LiveAttributes>,
-    /// `recorded` counts each span handed to the SDK.
-    spans: SpanCounters,
 }
 
 impl TraceLayer {
-    pub fn new(
-        provider: &SdkTracerProvider,
-        params: &TraceParams,
-        live: Arc<LiveAttributes>,
-        spans: SpanCounters,
-    ) -> Self {
-        use opentelemetry::trace::TracerProvider as _;
+    pub fn new(queue: Arc<SpanQueue>, params: &TraceParams, live: Arc<LiveAttributes>) -> Self {
         TraceLayer {
-            tracer: provider.tracer("interposer-fs"),
+            queue,
             ops: params.ops,
             sample_ratio: params.sample_ratio,
             file_spans: params.file_spans,
             sessions: std::array::from_fn(|_| Mutex::new(HashMap::new())),
             comm_cache: parking_lot::RwLock::new(HashMap::new()),
             live,
-            spans,
         }
     }
 
     /// Whether a new trace (an operation outside any file session, or a new session) is
     /// recorded: `trace.sampleRatio` of them, chosen at random. Decided here, before anything is
-    /// built, so what sampling leaves out costs nothing; the SDK then records what it is given.
+    /// built, so what sampling leaves out costs nothing.
     fn sampled(&self) -> bool {
         sample(self.sample_ratio, next_random())
     }
 
-    fn shard(&self, fh: u64) -> &Mutex<HashMap<u64, Context>> {
+    fn shard(&self, fh: u64) -> &Mutex<HashMap<u64, Session>> {
         &self.sessions[(fh as usize) % SHARDS]
     }
 
@@ -127,93 +123,117 @@ impl TraceLayer {
         Some(proc)
     }
 
-    fn attributes(&self, info: &OpInfo<'_>) -> Vec<KeyValue> {
-        // Room for every attribute below and the pod's (name and namespace): one allocation.
-        let mut attrs = Vec::with_capacity(16);
-        attrs.push(KeyValue::new("file.path", shared(info.path())));
+    fn attributes(&self, info: &OpInfo<'_>) -> SmallVec<[Attribute; span::INLINE_ATTRS]> {
+        let mut attrs = SmallVec::new();
+        attrs.push(("file.path", Value::Shared(info.path().clone())));
         if let Some(np) = info.new_path() {
-            attrs.push(KeyValue::new("interposer.new_path", shared(np)));
+            attrs.push(("interposer.new_path", Value::Shared(np.clone())));
         }
         let tid = info.caller.pid;
         match self.process_of(tid) {
             Some(p) => {
-                attrs.push(KeyValue::new("process.pid", p.pid as i64));
-                attrs.push(KeyValue::new(
-                    "process.executable.name",
-                    StringValue::from(p.name),
-                ));
+                attrs.push(("process.pid", Value::Int(p.pid.into())));
+                attrs.push(("process.executable.name", Value::Shared(p.name)));
             }
-            None => attrs.push(KeyValue::new("process.pid", tid as i64)),
+            None => attrs.push(("process.pid", Value::Int(tid.into()))),
         }
-        attrs.push(KeyValue::new("thread.id", tid as i64));
-        attrs.push(KeyValue::new("process.user.id", info.caller.uid as i64));
-        attrs.push(KeyValue::new("process.group.id", info.caller.gid as i64));
-        attrs.push(KeyValue::new("interposer.inode", info.ino as i64));
+        attrs.push(("thread.id", Value::Int(tid.into())));
+        attrs.push(("process.user.id", Value::Int(info.caller.uid.into())));
+        attrs.push(("process.group.id", Value::Int(info.caller.gid.into())));
+        attrs.push(("interposer.inode", Value::Int(info.ino as i64)));
         if let Some(fh) = info.fh {
-            attrs.push(KeyValue::new("interposer.fh", fh as i64));
+            attrs.push(("interposer.fh", Value::Int(fh as i64)));
         }
         if let Some(off) = info.offset {
-            attrs.push(KeyValue::new("interposer.offset", off as i64));
+            attrs.push(("interposer.offset", Value::Int(off as i64)));
         }
         if let Some(size) = info.size {
-            attrs.push(KeyValue::new("interposer.size", size as i64));
+            attrs.push(("interposer.size", Value::Int(size as i64)));
         }
         if let Some(flags) = info.flags {
-            attrs.push(KeyValue::new("interposer.flags", format!("{flags:#o}")));
+            attrs.push(("interposer.flags", Value::Octal(flags as u32)));
         }
-        attrs.extend(self.live.0.read().iter().cloned());
+        for (key, value) in self.live.0.read().iter() {
+            attrs.push((*key, Value::Shared(value.clone())));
+        }
         attrs
     }
 
-    fn finish(&self, span: &mut impl Span, info: &OpInfo<'_>, result: &OpResult) {
+    /// What the layers below did and how the operation ended.
+    fn finish(&self, span: &mut SpanRecord, info: &OpInfo<'_>, result: &OpResult) {
         if let Some(errno) = info.injected_errno.get() {
-            span.add_event(
-                "fault.injected",
-                vec![KeyValue::new("error.type", errno_name(errno))],
-            );
-            span.set_attribute(KeyValue::new("interposer.fault.injected", true));
+            span.events.push(Event {
+                name: "fault.injected",
+                time: span.end,
+                attribute: ("error.type", errno_name(errno).into()),
+            });
+            span.attributes
+                .push(("interposer.fault.injected", Value::Bool(true)));
         }
         let delay = info.injected_delay.get();
         if !delay.is_zero() {
-            span.add_event(
-                "fault.delay",
-                vec![KeyValue::new(
-                    "interposer.delay_ms",
-                    delay.as_secs_f64() * 1e3,
-                )],
-            );
+            span.events.push(Event {
+                name: "fault.delay",
+                time: span.end,
+                attribute: ("interposer.delay_ms", Value::Float(millis(delay))),
+            });
         }
         let wait = info.throttle_wait.get();
         if !wait.is_zero() {
-            span.add_event(
-                "throttle.wait",
-                vec![KeyValue::new(
-                    "interposer.wait_ms",
-                    wait.as_secs_f64() * 1e3,
-                )],
-            );
-            span.set_attribute(KeyValue::new(
-                "interposer.throttle.wait_ms",
-                wait.as_secs_f64() * 1e3,
-            ));
+            span.events.push(Event {
+                name: "throttle.wait",
+                time: span.end,
+                attribute: ("interposer.wait_ms", Value::Float(millis(wait))),
+            });
+            span.attributes
+                .push(("interposer.throttle.wait_ms", Value::Float(millis(wait))));
         }
         match result {
             Ok(outcome) => {
                 if info.op.direction().is_some() {
-                    span.set_attribute(KeyValue::new("interposer.bytes", outcome.bytes as i64));
+                    span.attributes
+                        .push(("interposer.bytes", Value::Int(outcome.bytes as i64)));
                 }
                 if let Some(fh) = outcome.fh {
-                    span.set_attribute(KeyValue::new("interposer.fh", fh as i64));
+                    span.attributes
+                        .push(("interposer.fh", Value::Int(fh as i64)));
                 }
             }
             Err(errno) => {
                 // A static name for every errno the kernel knows: no allocation.
                 let name = errno_name(errno.0);
-                span.set_attribute(KeyValue::new("error.type", name.clone()));
-                span.set_status(Status::error(name));
+                span.attributes.push(("error.type", name.clone().into()));
+                span.error = Some(name);
             }
         }
     }
+
+    /// End an open file's session span.
+    fn end_session(&self, fh: Option<u64>, session: Session, error: Option<&'static str>) {
+        let Some((trace_id, span_id)) = session.ids else {
+            return;
+        };
+        let mut attributes = SmallVec::new();
+        attributes.push(("file.path", Value::Shared(session.path)));
+        if let Some(fh) = fh {
+            attributes.push(("interposer.fh", Value::Int(fh as i64)));
+        }
+        self.queue.push(SpanRecord {
+            trace_id,
+            span_id,
+            parent_id: 0,
+            name: "file.session",
+            start: session.start,
+            end: span::now(),
+            attributes,
+            events: Vec::new(),
+            error: error.map(Into::into),
+        });
+    }
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 /// Whether `random` (uniform over `u64`) falls within `ratio` of its range.
@@ -245,9 +265,14 @@ fn next_random() -> u64 {
     })
 }
 
-/// A path as a span attribute: shared with the operation, not copied.
-fn shared(path: &Arc<str>) -> StringValue {
-    StringValue::from(Arc::clone(path))
+/// A new trace id: 128 random bits, never zero.
+fn new_trace_id() -> u128 {
+    (u128::from(next_random()) << 64) | u128::from(new_span_id())
+}
+
+/// A new span id: 64 random bits, never zero (zero means "no parent" on the wire).
+fn new_span_id() -> u64 {
+    next_random().max(1)
 }
 
 impl Layer for TraceLayer {
@@ -259,66 +284,57 @@ impl Layer for TraceLayer {
             return next();
         }
         // Parent: the file session of this handle, if any; it decided for its operations.
-        let mut parent = info
-            .fh
-            .and_then(|fh| self.shard(fh).lock().get(&fh).cloned());
-        let recorded = match &parent {
-            Some(cx) if !opens_session => cx.span().span_context().is_sampled(),
-            _ => self.sampled(),
+        let in_session = match info.fh {
+            Some(fh) if !opens_session => self.shard(fh).lock().get(&fh).map(|s| s.ids),
+            _ => None,
+        };
+        let (recorded, parent) = match in_session {
+            Some(ids) => (ids.is_some(), ids),
+            None => (self.sampled(), None),
         };
         // What sampling leaves out costs nothing more: no clock read, no attributes, no span.
-        let start = recorded.then(SystemTime::now);
-        if opens_session {
-            parent = Some(match start {
-                Some(start) => {
-                    let session = self
-                        .tracer
-                        .span_builder("file.session")
-                        .with_kind(SpanKind::Internal)
-                        .with_start_time(start)
-                        .with_attributes(vec![KeyValue::new("file.path", shared(info.path()))])
-                        .start(&self.tracer);
-                    self.spans.recorded.inc();
-                    Context::new().with_span(session)
-                }
-                // Remembered too, so that the session's operations are left out with it.
-                None => Context::new().with_remote_span_context(SpanContext::empty_context()),
-            });
-        }
-        let mut span = start.filter(|_| traced).map(|start| {
-            self.spans.recorded.inc();
-            self.tracer
-                .span_builder(info.op.name())
-                .with_kind(SpanKind::Internal)
-                .with_start_time(start)
-                .with_attributes(self.attributes(info))
-                .start_with_context(&self.tracer, parent.as_ref().unwrap_or(&Context::new()))
+        let start = recorded.then(span::now);
+        let session = opens_session.then(|| Session {
+            ids: start.map(|_| (new_trace_id(), new_span_id())),
+            start: start.unwrap_or_default(),
+            path: info.path().clone(),
+        });
+        let span = start.filter(|_| traced).map(|start| {
+            // In a session (new or found), a child of its span; otherwise a trace of its own.
+            let (trace_id, parent_id) = session
+                .as_ref()
+                .and_then(|s| s.ids)
+                .or(parent)
+                .unwrap_or_else(|| (new_trace_id(), 0));
+            SpanRecord {
+                trace_id,
+                span_id: new_span_id(),
+                parent_id,
+                name: info.op.name(),
+                start,
+                end: 0,
+                attributes: self.attributes(info),
+                events: Vec::new(),
+                error: None,
+            }
         });
         let result = next();
-        if let Some(span) = span.as_mut() {
-            self.finish(span, info, &result);
-            span.end();
+        if let Some(mut span) = span {
+            span.end = span::now();
+            self.finish(&mut span, info, &result);
+            self.queue.push(span);
         }
-        if opens_session {
-            let parent = parent.unwrap_or_default();
-            match result {
-                Ok(outcome) if outcome.fh.is_some() => {
-                    let fh = outcome.fh.unwrap_or_default();
-                    parent
-                        .span()
-                        .set_attribute(KeyValue::new("interposer.fh", fh as i64));
-                    self.shard(fh).lock().insert(fh, parent);
+        if let Some(session) = session {
+            match &result {
+                Ok(Outcome { fh: Some(fh), .. }) => {
+                    self.shard(*fh).lock().insert(*fh, session);
                 }
-                _ => {
-                    let s = parent.span();
-                    s.set_status(Status::error("open failed"));
-                    s.end();
-                }
+                _ => self.end_session(None, session, Some("open failed")),
             }
-        } else if info.op == Op::Release {
+        } else if closes_session {
             if let Some(fh) = info.fh {
-                if let Some(cx) = self.shard(fh).lock().remove(&fh) {
-                    cx.span().end();
+                if let Some(session) = self.shard(fh).lock().remove(&fh) {
+                    self.end_session(Some(fh), session, None);
                 }
             }
         }
@@ -330,8 +346,8 @@ impl Drop for TraceLayer {
     fn drop(&mut self) {
         // Sessions still open at unmount end here, so their children are not orphaned.
         for shard in &self.sessions {
-            for (_, cx) in shard.lock().drain() {
-                cx.span().end();
+            for (fh, session) in shard.lock().drain() {
+                self.end_session(Some(fh), session, None);
             }
         }
     }

@@ -4,3 +4,4 @@
 pub mod metrics_server;
 pub mod otlp;
 mod otlp_wire;
+pub mod span;

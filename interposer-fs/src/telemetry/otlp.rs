@@ -1,20 +1,18 @@
 //! OTLP/gRPC span export, batched and off the I/O path.
 //!
-//! OpenTelemetry's batch processor exports from its own thread: FUSE threads only push
-//! finished spans into its bounded queue; when the collector is slow or gone, the queue fills
-//! and spans are dropped, never I/O. [`GrpcExporter`] encodes each batch itself
-//! (`otlp_wire`) and sends the bytes as a unary gRPC call on a one-worker Tokio runtime it
-//! owns, entered only for the call.
+//! FUSE workers only push finished spans ([`SpanRecord`]) into a bounded [`SpanQueue`]; when
+//! the collector is slow or gone, the queue fills and spans are dropped (and counted), never
+//! I/O. One export thread of its own takes the queue's spans in batches, encodes each batch
+//! itself (`otlp_wire`) and sends the bytes as one unary gRPC call, driving a single-threaded
+//! Tokio runtime only for the call. The OpenTelemetry SDK is not used: it cost each span a
+//! heap object built on the worker and dropped on its batch thread, measured as most of what
+//! tracing cost the daemon.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
-use opentelemetry::KeyValue;
-use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
-use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, SpanData, SpanExporter,
-};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::Bytes;
 use tonic::codegen::http::uri::PathAndQuery;
@@ -22,6 +20,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use super::otlp_wire;
+use super::span::{Attribute, SpanRecord, Value};
 use crate::layers::metrics::SpanCounters;
 
 /// Default collector when `OTEL_EXPORTER_OTLP_ENDPOINT` is unset.
@@ -34,11 +33,20 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// backing off from 100 ms, doubling.
 const RETRIES: u32 = 3;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// Spans sent in one call.
+const BATCH: usize = 2048;
+/// Spans held while the export thread is busy; beyond this they are dropped. A third of a
+/// second at 50,000 operations/s.
+const QUEUE: usize = 16_384;
+/// The longest a span waits for a batch to fill.
+const DELAY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum OtlpError {
     #[error("starting the span export runtime: {0}")]
     Runtime(#[source] std::io::Error),
+    #[error("starting the span export thread: {0}")]
+    Thread(#[source] std::io::Error),
     #[error("the OTLP endpoint {endpoint:?} is not a valid URI: {source}")]
     Endpoint {
         endpoint: String,
@@ -47,24 +55,178 @@ pub enum OtlpError {
     },
 }
 
+/// Where the trace layer leaves finished spans for the export thread.
+pub struct SpanQueue {
+    state: Mutex<QueueState>,
+    /// Wakes the export thread: on the first span after it emptied the queue, on a full
+    /// batch, and at shutdown.
+    wake: Condvar,
+    counters: SpanCounters,
+}
+
+struct QueueState {
+    spans: Vec<SpanRecord>,
+    /// Set at shutdown: the last spans must be sent by then.
+    closing: Option<Instant>,
+}
+
+impl SpanQueue {
+    /// Queue a finished span, or drop it if the queue is full. Never blocks for longer than
+    /// a push onto a vector.
+    pub fn push(&self, span: SpanRecord) {
+        self.counters.recorded.inc();
+        let mut state = self.state.lock();
+        let len = state.spans.len();
+        if len >= QUEUE {
+            drop(state);
+            self.counters.dropped.inc();
+            return;
+        }
+        state.spans.push(span);
+        drop(state);
+        if len == 0 || len + 1 == BATCH {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Wait until there is a batch to send (full, or its first span `DELAY` old) or the
+    /// queue is closing, then swap the queued spans into `batch`. Returns whether it is
+    /// closing, and by when the spans must be sent.
+    fn take(&self, batch: &mut Vec<SpanRecord>) -> Option<Instant> {
+        let mut state = self.state.lock();
+        while state.spans.is_empty() && state.closing.is_none() {
+            self.wake.wait(&mut state);
+        }
+        if state.spans.len() < BATCH && state.closing.is_none() {
+            self.wake.wait_for(&mut state, DELAY);
+        }
+        std::mem::swap(&mut state.spans, batch);
+        state.closing
+    }
+}
+
+/// The export thread and the queue it drains.
+pub struct SpanExport {
+    queue: Arc<SpanQueue>,
+    /// Disconnected when the export thread has ended.
+    ended: mpsc::Receiver<()>,
+}
+
+impl SpanExport {
+    /// Start exporting to `OTEL_EXPORTER_OTLP_ENDPOINT`, as `OTEL_SERVICE_NAME` with the
+    /// resource attributes `resource`. Spans sent, or not, are counted in `counters`.
+    pub fn start(resource: Vec<Attribute>, counters: SpanCounters) -> Result<Self, OtlpError> {
+        let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
+        let service = std::env::var("OTEL_SERVICE_NAME")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .map_or(Value::Static("interposer-fs"), |s| Value::Shared(s.into()));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(OtlpError::Runtime)?;
+        let channel = {
+            let _guard = runtime.enter();
+            Endpoint::from_shared(endpoint.clone())
+                .map_err(|source| OtlpError::Endpoint { endpoint, source })?
+                .timeout(TIMEOUT)
+                .connect_lazy()
+        };
+        let mut attributes = vec![
+            ("service.name", service),
+            ("telemetry.sdk.name", Value::Static("interposer-fs")),
+            ("telemetry.sdk.language", Value::Static("rust")),
+            (
+                "telemetry.sdk.version",
+                Value::Static(env!("CARGO_PKG_VERSION")),
+            ),
+        ];
+        attributes.extend(resource);
+        let queue = Arc::new(SpanQueue {
+            state: Mutex::new(QueueState {
+                spans: Vec::new(),
+                closing: None,
+            }),
+            wake: Condvar::new(),
+            counters: counters.clone(),
+        });
+        let exporter = GrpcExporter {
+            channel,
+            runtime,
+            resource: attributes,
+            encoder: otlp_wire::Encoder::default(),
+            counters,
+        };
+        let (done, ended) = mpsc::channel();
+        let q = queue.clone();
+        std::thread::Builder::new()
+            .name("otlp-export".into())
+            .spawn(move || {
+                exporter.run(&q);
+                drop(done);
+            })
+            .map_err(OtlpError::Thread)?;
+        Ok(SpanExport { queue, ended })
+    }
+
+    /// The queue the trace layer pushes to.
+    pub fn queue(&self) -> Arc<SpanQueue> {
+        self.queue.clone()
+    }
+
+    /// Send what is queued, waiting at most `timeout`, and stop the export thread.
+    pub fn shutdown(self, timeout: Duration) {
+        self.queue.state.lock().closing = Some(Instant::now() + timeout);
+        self.queue.wake.notify_one();
+        let _ = self.ended.recv_timeout(timeout);
+    }
+}
+
 /// Sends each batch, encoded by [`otlp_wire::Encoder`], to the collector's TraceService.
 struct GrpcExporter {
     channel: Channel,
     runtime: tokio::runtime::Runtime,
-    resource: Resource,
-    encoder: Mutex<otlp_wire::Encoder>,
-    spans: SpanCounters,
-}
-
-impl std::fmt::Debug for GrpcExporter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("GrpcExporter")
-    }
+    resource: Vec<Attribute>,
+    encoder: otlp_wire::Encoder,
+    counters: SpanCounters,
 }
 
 impl GrpcExporter {
-    async fn send(&self, body: Bytes) -> Result<(), Status> {
-        let deadline = tokio::time::Instant::now() + TIMEOUT;
+    /// The export thread: batches until the queue closes.
+    fn run(mut self, queue: &SpanQueue) {
+        let mut batch = Vec::new();
+        loop {
+            let closing = queue.take(&mut batch);
+            for chunk in batch.chunks(BATCH) {
+                let deadline = Instant::now() + TIMEOUT;
+                self.export(chunk, closing.map_or(deadline, |c| c.min(deadline)));
+            }
+            // Dropped here, on this thread, not on a worker.
+            batch.clear();
+            batch.shrink_to(BATCH);
+            if closing.is_some() {
+                return;
+            }
+        }
+    }
+
+    fn export(&mut self, spans: &[SpanRecord], deadline: Instant) {
+        let body = Bytes::copy_from_slice(self.encoder.request(&self.resource, spans));
+        let sent = self.runtime.block_on(self.send(body, deadline.into()));
+        let outcome = match sent {
+            Ok(()) => &self.counters.exported,
+            Err(status) => {
+                log::debug!("OTLP export of {} spans failed: {status}", spans.len());
+                &self.counters.failed
+            }
+        };
+        outcome.inc_by(spans.len() as u64);
+    }
+
+    async fn send(&self, body: Bytes, deadline: tokio::time::Instant) -> Result<(), Status> {
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 0;
         loop {
@@ -110,36 +272,6 @@ fn retryable(code: Code) -> bool {
     )
 }
 
-impl SpanExporter for GrpcExporter {
-    fn export(
-        &self,
-        batch: Vec<SpanData>,
-    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
-        // Called on the batch processor's own thread, never on a FUSE worker.
-        let body = Bytes::copy_from_slice(self.encoder.lock().request(&self.resource, &batch));
-        let n = batch.len() as u64;
-        drop(batch);
-        let result = self.runtime.block_on(self.send(body));
-        let outcome = if result.is_ok() {
-            &self.spans.exported
-        } else {
-            &self.spans.failed
-        };
-        outcome.inc_by(n);
-        std::future::ready(
-            result.map_err(|s| OTelSdkError::InternalFailure(format!("OTLP export: {s}"))),
-        )
-    }
-
-    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
-        Ok(())
-    }
-
-    fn set_resource(&mut self, resource: &Resource) {
-        self.resource = resource.clone();
-    }
-}
-
 /// A gRPC codec for bytes already encoded: the request goes out as is, the reply (an
 /// `ExportTraceServiceResponse`) is read and let go.
 #[derive(Clone, Copy)]
@@ -179,61 +311,4 @@ impl Decoder for RawCodec {
         bytes::Buf::advance(src, n);
         Ok(Some(()))
     }
-}
-
-/// Build a tracer provider exporting to `OTEL_EXPORTER_OTLP_ENDPOINT`. It records every span
-/// it is asked for: the trace layer samples before it asks (`trace.sampleRatio`).
-/// What it exports, or fails to, is counted in `spans`.
-pub fn tracer_provider(
-    resource: Vec<KeyValue>,
-    spans: SpanCounters,
-) -> Result<SdkTracerProvider, OtlpError> {
-    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
-    let service = std::env::var("OTEL_SERVICE_NAME")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "interposer-fs".to_string());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("otlp-export")
-        .enable_all()
-        .build()
-        .map_err(OtlpError::Runtime)?;
-    let channel = {
-        let _guard = runtime.enter();
-        Endpoint::from_shared(endpoint.clone())
-            .map_err(|source| OtlpError::Endpoint { endpoint, source })?
-            .timeout(TIMEOUT)
-            .connect_lazy()
-    };
-    let exporter = GrpcExporter {
-        channel,
-        runtime,
-        resource: Resource::builder_empty().build(),
-        encoder: Mutex::new(otlp_wire::Encoder::default()),
-        spans,
-    };
-    // The queue's slots are allocated and touched up front (~400 bytes each): 16,384 of them
-    // hold a third of a second at 50,000 operations/s and keep an idle daemon small; a full
-    // queue drops spans, never I/O.
-    let batch = BatchConfigBuilder::default()
-        .with_max_queue_size(16_384)
-        .with_max_export_batch_size(2048)
-        .with_scheduled_delay(Duration::from_millis(500))
-        .build();
-    let processor = BatchSpanProcessor::builder(exporter)
-        .with_batch_config(batch)
-        .build();
-    let resource = Resource::builder()
-        .with_service_name(service)
-        .with_attributes(resource)
-        .build();
-    Ok(SdkTracerProvider::builder()
-        .with_span_processor(processor)
-        .with_sampler(Sampler::AlwaysOn)
-        .with_resource(resource)
-        .build())
 }
