@@ -9,6 +9,7 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::sync::OnceLock;
 
 use crate::fs::errno::{Errno, FsResult};
 
@@ -66,6 +67,87 @@ pub fn reopen(fd: BorrowedFd<'_>, flags: i32) -> FsResult<OwnedFd> {
 /// `/proc/self/fd/N`: names the object behind a descriptor, for calls that take no fd.
 pub fn proc_path(fd: BorrowedFd<'_>) -> CString {
     CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL in a number")
+}
+
+// Calls the kernel refuses an `O_PATH` descriptor for (chmod, extended attributes) name the
+// object as `/proc/self/fd/N`: a walk through procfs and a magic link that costs the daemon
+// more than the call itself (`getxattr` of an absent name: 3.8 µs against 2.5 relative to an
+// open `/proc/self/fd`, by hand on this VM). Newer kernels offer cheaper ways, probed once:
+// `fchmodat2(fd, "", mode, AT_EMPTY_PATH)` (Linux 6.6) takes the descriptor itself, and the
+// `*xattrat` calls (6.13), whose empty-path form refuses `O_PATH`, take the name `N` relative
+// to `/proc/self/fd` held open. An older kernel, or a seccomp filter that refuses them, gets
+// the path. These numbers are the same on every architecture.
+const SYS_FCHMODAT2: libc::c_long = 452;
+const SYS_SETXATTRAT: libc::c_long = 463;
+const SYS_GETXATTRAT: libc::c_long = 464;
+const SYS_LISTXATTRAT: libc::c_long = 465;
+const SYS_REMOVEXATTRAT: libc::c_long = 466;
+
+/// Whether the kernel offers `fchmodat2`.
+fn fchmodat2_offered() -> bool {
+    static OFFERED: OnceLock<bool> = OnceLock::new();
+    // Flags no kernel accepts: EINVAL if the call exists.
+    *OFFERED.get_or_init(|| {
+        offered(unsafe { libc::syscall(SYS_FCHMODAT2, -1, EMPTY.as_ptr(), 0, u32::MAX) })
+    })
+}
+
+/// A descriptor named for the `*xattrat` calls: its number `N`, relative to `/proc/self/fd`.
+struct ProcFdName {
+    dir: RawFd,
+    /// `N`, NUL-terminated, written without allocating.
+    name: [u8; 12],
+}
+
+impl ProcFdName {
+    /// `fd` named for the `*xattrat` calls, if the kernel offers them.
+    fn for_xattrat(fd: BorrowedFd<'_>) -> Option<Self> {
+        static DIR: OnceLock<Option<OwnedFd>> = OnceLock::new();
+        let dir = DIR.get_or_init(|| {
+            // Flags no kernel accepts: EINVAL if the call exists.
+            let probe = unsafe {
+                libc::syscall(
+                    SYS_GETXATTRAT,
+                    -1,
+                    EMPTY.as_ptr(),
+                    u32::MAX,
+                    EMPTY.as_ptr(),
+                    std::ptr::null_mut::<XattrArgs>(),
+                    0,
+                )
+            };
+            if !offered(probe) {
+                return None;
+            }
+            let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC;
+            let fd = unsafe { libc::open(c"/proc/self/fd".as_ptr(), flags) };
+            (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+        });
+        let dir = dir.as_ref()?.as_raw_fd();
+        let name = decimal(fd.as_raw_fd().unsigned_abs());
+        Some(ProcFdName { dir, name })
+    }
+}
+
+/// `n` in decimal, NUL-terminated.
+fn decimal(mut n: u32) -> [u8; 12] {
+    let mut out = [0u8; 12];
+    let mut digits = 0;
+    loop {
+        out[digits] = b'0' + (n % 10) as u8;
+        digits += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out[..digits].reverse();
+    out
+}
+
+/// Whether a probe with flags no kernel accepts failed as a call that exists does.
+fn offered(probe: libc::c_long) -> bool {
+    probe < 0 && Errno::last().0 == libc::EINVAL
 }
 
 pub fn fstat(fd: BorrowedFd<'_>) -> FsResult<libc::stat> {
@@ -254,6 +336,18 @@ pub fn readlink_fd(fd: BorrowedFd<'_>) -> FsResult<Vec<u8>> {
 }
 
 pub fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> FsResult<()> {
+    if fchmodat2_offered() {
+        return check_ssize(unsafe {
+            libc::syscall(
+                SYS_FCHMODAT2,
+                fd.as_raw_fd(),
+                EMPTY.as_ptr(),
+                mode,
+                libc::AT_EMPTY_PATH,
+            ) as libc::ssize_t
+        })
+        .map(drop);
+    }
     let p = proc_path(fd);
     check(unsafe { libc::chmod(p.as_ptr(), mode as libc::mode_t) }).map(drop)
 }
@@ -398,9 +492,37 @@ pub fn dup(fd: BorrowedFd<'_>) -> FsResult<OwnedFd> {
     fd.try_clone_to_owned().map_err(Errno::from)
 }
 
-// Extended attributes go through /proc/self/fd, which works for O_PATH descriptors.
+// Extended attributes of the object behind an `O_PATH` descriptor: by the `*xattrat` calls,
+// relative to `/proc/self/fd`, where offered (see `ProcFdName`); otherwise by the `/proc/self/fd/N`
+// path.
+
+/// `struct xattr_args` of the `*xattrat` calls.
+#[repr(C)]
+struct XattrArgs {
+    value: u64,
+    size: u32,
+    flags: u32,
+}
 
 pub fn getxattr(fd: BorrowedFd<'_>, name: &CStr, buf: &mut [u8]) -> FsResult<usize> {
+    if let Some(at) = ProcFdName::for_xattrat(fd) {
+        let mut args = XattrArgs {
+            value: buf.as_mut_ptr() as u64,
+            size: u32::try_from(buf.len()).unwrap_or(u32::MAX),
+            flags: 0,
+        };
+        return check_ssize(unsafe {
+            libc::syscall(
+                SYS_GETXATTRAT,
+                at.dir,
+                at.name.as_ptr(),
+                0,
+                name.as_ptr(),
+                &mut args,
+                std::mem::size_of::<XattrArgs>(),
+            ) as libc::ssize_t
+        });
+    }
     let p = proc_path(fd);
     check_ssize(unsafe {
         libc::getxattr(
@@ -413,11 +535,42 @@ pub fn getxattr(fd: BorrowedFd<'_>, name: &CStr, buf: &mut [u8]) -> FsResult<usi
 }
 
 pub fn listxattr(fd: BorrowedFd<'_>, buf: &mut [u8]) -> FsResult<usize> {
+    if let Some(at) = ProcFdName::for_xattrat(fd) {
+        return check_ssize(unsafe {
+            libc::syscall(
+                SYS_LISTXATTRAT,
+                at.dir,
+                at.name.as_ptr(),
+                0,
+                buf.as_mut_ptr(),
+                buf.len(),
+            ) as libc::ssize_t
+        });
+    }
     let p = proc_path(fd);
     check_ssize(unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
 }
 
 pub fn setxattr(fd: BorrowedFd<'_>, name: &CStr, value: &[u8], flags: i32) -> FsResult<()> {
+    if let Some(at) = ProcFdName::for_xattrat(fd) {
+        let args = XattrArgs {
+            value: value.as_ptr() as u64,
+            size: u32::try_from(value.len()).map_err(|_| Errno(libc::E2BIG))?,
+            flags: flags as u32,
+        };
+        return check_ssize(unsafe {
+            libc::syscall(
+                SYS_SETXATTRAT,
+                at.dir,
+                at.name.as_ptr(),
+                0,
+                name.as_ptr(),
+                &args,
+                std::mem::size_of::<XattrArgs>(),
+            ) as libc::ssize_t
+        })
+        .map(drop);
+    }
     let p = proc_path(fd);
     check(unsafe {
         libc::setxattr(
@@ -441,6 +594,18 @@ pub fn fremovexattr(fd: BorrowedFd<'_>, name: &CStr) -> FsResult<()> {
 }
 
 pub fn removexattr(fd: BorrowedFd<'_>, name: &CStr) -> FsResult<()> {
+    if let Some(at) = ProcFdName::for_xattrat(fd) {
+        return check_ssize(unsafe {
+            libc::syscall(
+                SYS_REMOVEXATTRAT,
+                at.dir,
+                at.name.as_ptr(),
+                0,
+                name.as_ptr(),
+            ) as libc::ssize_t
+        })
+        .map(drop);
+    }
     let p = proc_path(fd);
     check(unsafe { libc::removexattr(p.as_ptr(), name.as_ptr()) }).map(drop)
 }
@@ -534,4 +699,69 @@ pub fn cpath(p: &std::path::Path) -> FsResult<CString> {
 
 pub fn io_err(e: Errno) -> io::Error {
     io::Error::from_raw_os_error(e.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+
+    use super::*;
+
+    #[test]
+    fn a_descriptor_number_is_written_in_decimal() {
+        let name = |n| {
+            let d = decimal(n);
+            CStr::from_bytes_until_nul(&d).unwrap().to_owned()
+        };
+        assert_eq!(name(0), c"0".to_owned());
+        assert_eq!(name(7), c"7".to_owned());
+        assert_eq!(name(1_048_576), c"1048576".to_owned());
+        assert_eq!(name(i32::MAX as u32), c"2147483647".to_owned());
+    }
+
+    /// Whichever way this kernel offers, the calls reach the object behind an `O_PATH`
+    /// descriptor, and match what the `/proc/self/fd` path gives.
+    #[test]
+    fn xattrs_and_modes_reach_the_object_behind_an_o_path_descriptor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"").unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+            .open(&path)
+            .unwrap();
+        let fd = file.as_fd();
+        let by_path = |name: &CStr| {
+            let mut buf = [0u8; 16];
+            let p = proc_path(fd);
+            let n =
+                unsafe { libc::getxattr(p.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), 16) };
+            (n >= 0).then(|| buf[..n as usize].to_vec())
+        };
+
+        setxattr(fd, c"user.k", b"value", 0).unwrap();
+        assert_eq!(by_path(c"user.k").as_deref(), Some(&b"value"[..]));
+        let mut buf = [0u8; 64];
+        let n = getxattr(fd, c"user.k", &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"value");
+        assert_eq!(
+            getxattr(fd, c"user.k", &mut buf[..2]),
+            Err(Errno(libc::ERANGE))
+        );
+        assert_eq!(
+            setxattr(fd, c"user.k", b"x", libc::XATTR_CREATE),
+            Err(Errno(libc::EEXIST))
+        );
+        let n = listxattr(fd, &mut buf).unwrap();
+        assert!(buf[..n].split(|b| *b == 0).any(|name| name == b"user.k"));
+        removexattr(fd, c"user.k").unwrap();
+        assert_eq!(getxattr(fd, c"user.k", &mut buf), Err(Errno(libc::ENODATA)));
+        assert_eq!(by_path(c"user.k"), None);
+
+        chmod_fd(fd, 0o640).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o640);
+    }
 }
