@@ -284,8 +284,11 @@ impl Layer for TraceLayer {
             return next();
         }
         // Parent: the file session of this handle, if any; it decided for its operations.
+        // Without file sessions there is no map to look in (and no lock to take).
         let in_session = match info.fh {
-            Some(fh) if !opens_session => self.shard(fh).lock().get(&fh).map(|s| s.ids),
+            Some(fh) if self.file_spans && !opens_session => {
+                self.shard(fh).lock().get(&fh).map(|s| s.ids)
+            }
             _ => None,
         };
         let (recorded, parent) = match in_session {

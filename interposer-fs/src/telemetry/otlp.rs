@@ -89,9 +89,9 @@ impl SpanQueue {
         }
     }
 
-    /// Wait until there is a batch to send (full, or its first span `DELAY` old) or the
-    /// queue is closing, then swap the queued spans into `batch`. Returns whether it is
-    /// closing, and by when the spans must be sent.
+    /// Wait until there is a batch to send (full, or `DELAY` after this thread found the queue
+    /// not empty) or the queue is closing, then swap the queued spans into `batch`. Returns
+    /// when the queue closes, by which time the spans must be sent, if it is closing.
     fn take(&self, batch: &mut Vec<SpanRecord>) -> Option<Instant> {
         let mut state = self.state.lock();
         while state.spans.is_empty() && state.closing.is_none() {
