@@ -104,7 +104,7 @@ if writes:
     proc = {t["key"]: t["value"] for t in w["_process"]["tags"]}
     check(proc.get("k8s.pvc.name") == "data" and proc.get("k8s.pvc.namespace") == "team", "resource attributes carry the PVC")
     check(proc.get("interposer.volume.id") == volume and proc.get("k8s.node.name") is not None, "resource attributes carry volume and node")
-    check(w["_tags"].get("k8s.pod.name") == "app-0" and w["_tags"].get("k8s.namespace.name") == "team", "spans carry the pod from podInfoOnMount")
+    check(proc.get("k8s.pod.name") == "app-0" and proc.get("k8s.namespace.name") == "team", "resource attributes carry the pod from podInfoOnMount")
 read_after = find(ss, "read", "d/b.txt")
 check(bool(read_after), "reads after the rename show the new path")
 fault = find(ss, "unlink", "x.doomed")

@@ -17,7 +17,7 @@ use crate::fs::passthrough::Passthrough;
 use crate::layers::fault::{self, FaultLayer};
 use crate::layers::metrics::{Metrics, MetricsLayer, SpanCounters};
 use crate::layers::throttle::ThrottleLayer;
-use crate::layers::trace::{LiveAttributes, TraceLayer};
+use crate::layers::trace::{LiveResource, TraceLayer};
 use crate::layers::{Layer, Shutdown, Stack};
 use crate::mount::{self, MountSpec};
 use crate::params::{LayerKind, PageCache, VolumeParams, is_volume_key};
@@ -66,7 +66,7 @@ struct Prepared {
     fs: Interposer,
     /// Drops stale pages once the session is up; `None` where the kernel drops them itself.
     invalidator: Option<PageInvalidator>,
-    live: Arc<LiveAttributes>,
+    live: Arc<LiveResource>,
     tunable: Tunable,
     passthrough: Arc<Passthrough>,
     shutdown: Arc<Shutdown>,
@@ -151,13 +151,13 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
     } else {
         None
     };
-    let live = Arc::new(LiveAttributes::default());
+    let live = Arc::new(LiveResource::default());
     for (key, value) in [
         ("k8s.pod.name", &c.identity.pod_name),
         ("k8s.namespace.name", &c.identity.pod_namespace),
     ] {
         if let Some(v) = value {
-            live.set(key, v.clone());
+            live.set(key, v);
         }
     }
     let mut layers: Vec<Box<dyn Layer>> = Vec::new();
@@ -372,7 +372,7 @@ struct Signals {
     mountpoint: PathBuf,
     shutdown: Arc<Shutdown>,
     passthrough: Arc<Passthrough>,
-    live: Arc<LiveAttributes>,
+    live: Arc<LiveResource>,
     tunable: Tunable,
     control: Option<PathBuf>,
 }
@@ -435,10 +435,8 @@ impl Signals {
                         Err(e) => eprintln!("interposer-fs: control: {e}"),
                     }
                 }
-                Some(("podName", v)) => self.live.set("k8s.pod.name", v.trim().to_string()),
-                Some(("podNamespace", v)) => {
-                    self.live.set("k8s.namespace.name", v.trim().to_string())
-                }
+                Some(("podName", v)) => self.set_live("k8s.pod.name", v),
+                Some(("podNamespace", v)) => self.set_live("k8s.namespace.name", v),
                 _ => eprintln!(
                     "interposer-fs: control: {line:?} cannot be changed on a running volume"
                 ),
@@ -446,6 +444,15 @@ impl Signals {
         }
         if !contract.is_empty() {
             self.retune(&contract);
+        }
+    }
+
+    fn set_live(&self, key: &'static str, value: &str) {
+        if self.live.set(key, value.trim()) {
+            eprintln!(
+                "interposer-fs: spans from now on carry {key}={}",
+                value.trim()
+            );
         }
     }
 

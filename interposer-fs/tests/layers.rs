@@ -728,9 +728,58 @@ fn spans_reach_an_otlp_receiver_with_paths_callers_sessions_and_faults() {
     };
     assert_eq!(res("service.name").as_deref(), Some("itest"));
     assert_eq!(res("k8s.pvc.name").as_deref(), Some("data"));
-    // The pod can change while the volume runs (learnt at publish): a span attribute.
-    assert_eq!(attr(&write, "k8s.pod.name").as_deref(), Some("app-0"));
+    // The pod (learnt at publish, so it can change while the volume runs) is a resource
+    // attribute too, sent with each batch, not with each span.
+    assert_eq!(res("k8s.pod.name").as_deref(), Some("app-0"));
+    assert_eq!(attr(&write, "k8s.pod.name"), None);
     assert_eq!(res("k8s.node.name").as_deref(), Some("node-a"));
+}
+
+#[test]
+fn spans_after_a_pod_change_carry_the_new_pod_and_spans_before_it_the_old() {
+    let (receiver, endpoint, _stop) = start_receiver();
+    let control = tempfile::NamedTempFile::new().unwrap();
+    let ctl = format!("control={}", control.path().display());
+    let v = Volume::start_with_env(
+        &[
+            "layers=trace",
+            "trace.fileSpans=false",
+            "podName=app-0",
+            &ctl,
+        ],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())],
+    );
+    fs::write(v.path("before"), b"").unwrap();
+    v.apply_control(
+        control.path(),
+        "podName=app-1\npodNamespace=team\n",
+        "spans from now on carry k8s.namespace.name=team",
+    );
+    fs::write(v.path("after"), b"").unwrap();
+
+    let pod_of = |path: &str| -> Option<(Option<String>, Option<String>)> {
+        let spans = receiver.spans.lock().unwrap();
+        let (resource, _) = spans
+            .iter()
+            .find(|(_, s)| s.name == "create" && attr(s, "file.path").as_deref() == Some(path))?;
+        let res = |k: &str| {
+            resource
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        Some((res("k8s.pod.name"), res("k8s.namespace.name")))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pod_of("before").is_none() || pod_of("after").is_none() {
+        assert!(Instant::now() < deadline, "the create spans did not arrive");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(pod_of("before"), Some((Some("app-0".into()), None)));
+    assert_eq!(
+        pod_of("after"),
+        Some((Some("app-1".into()), Some("team".into())))
+    );
 }
 
 #[test]

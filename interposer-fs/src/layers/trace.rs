@@ -23,17 +23,34 @@ use crate::telemetry::span::{self, Attribute, Event, SpanRecord, Value};
 
 const SHARDS: usize = 16;
 
-/// Attributes that can change while the volume runs (the pod using it, learnt at publish time,
-/// after the daemon started): added to every span.
-#[derive(Default)]
-pub struct LiveAttributes(parking_lot::RwLock<Vec<(&'static str, Arc<str>)>>);
+/// The resource attributes that can change while the volume runs (the pod using it, learnt at
+/// publish time, after the daemon started). Each span takes the set current when it starts.
+pub struct LiveResource(parking_lot::RwLock<span::LiveResource>);
 
-impl LiveAttributes {
-    /// Set (or replace) `key`. The value is shared, not copied, by every span that carries it.
-    pub fn set(&self, key: &'static str, value: String) {
-        let mut attrs = self.0.write();
-        attrs.retain(|(k, _)| *k != key);
-        attrs.push((key, value.into()));
+impl Default for LiveResource {
+    fn default() -> Self {
+        LiveResource(parking_lot::RwLock::new(Arc::new([])))
+    }
+}
+
+impl LiveResource {
+    /// Set (or replace) `key`; false if it had that value already. Spans already started keep
+    /// the set they started under.
+    pub fn set(&self, key: &'static str, value: &str) -> bool {
+        let mut current = self.0.write();
+        let value = Value::Shared(value.into());
+        if current.iter().any(|(k, v)| *k == key && *v == value) {
+            return false;
+        }
+        let mut attrs: Vec<Attribute> =
+            current.iter().filter(|(k, _)| *k != key).cloned().collect();
+        attrs.push((key, value));
+        *current = attrs.into();
+        true
+    }
+
+    fn current(&self) -> span::LiveResource {
+        self.0.read().clone()
     }
 }
 
@@ -65,11 +82,11 @@ pub struct TraceLayer {
     /// thread id → ((tgid, process name), when read). Bounded; refreshed so a reused id is not
     /// misnamed for long. Read-locked on the hot path; `/proc` is read with no lock held.
     comm_cache: parking_lot::RwLock<HashMap<u32, ProcessInfo>>,
-    live: Arc<LiveAttributes>,
+    live: Arc<LiveResource>,
 }
 
 impl TraceLayer {
-    pub fn new(queue: Arc<SpanQueue>, params: &TraceParams, live: Arc<LiveAttributes>) -> Self {
+    pub fn new(queue: Arc<SpanQueue>, params: &TraceParams, live: Arc<LiveResource>) -> Self {
         TraceLayer {
             queue,
             ops: params.ops,
@@ -153,9 +170,6 @@ impl TraceLayer {
         if let Some(flags) = info.flags {
             attrs.push(("interposer.flags", Value::Octal(flags as u32)));
         }
-        for (key, value) in self.live.0.read().iter() {
-            attrs.push((*key, Value::Shared(value.clone())));
-        }
         attrs
     }
 
@@ -228,6 +242,7 @@ impl TraceLayer {
             attributes,
             events: Vec::new(),
             error: error.map(Into::into),
+            live_resource: self.live.current(),
         });
     }
 }
@@ -319,6 +334,7 @@ impl Layer for TraceLayer {
                 attributes: self.attributes(info),
                 events: Vec::new(),
                 error: None,
+                live_resource: self.live.current(),
             }
         });
         let result = next();

@@ -9,6 +9,7 @@
 //! generated types and compares it field by field).
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use super::span::{Attribute, SpanRecord, Value};
 
@@ -40,28 +41,32 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    /// The `ExportTraceServiceRequest` for `spans`, which all share `resource`.
+    /// The `ExportTraceServiceRequest` for `spans`: one `ResourceSpans` per run of spans that
+    /// share a live resource (one run unless the pod changed meanwhile), each with `resource`
+    /// and that run's live attributes.
     pub fn request(&mut self, resource: &[Attribute], spans: &[SpanRecord]) -> &[u8] {
         self.buf.clear();
-        // ExportTraceServiceRequest.resource_spans
-        self.message(1, |e| {
-            // ResourceSpans.resource
-            e.message(1, |e| {
-                for kv in resource {
-                    e.attribute(1, kv);
-                }
-            });
-            // ResourceSpans.scope_spans
-            e.message(2, |e| {
+        for run in spans.chunk_by(|a, b| Arc::ptr_eq(&a.live_resource, &b.live_resource)) {
+            // ExportTraceServiceRequest.resource_spans
+            self.message(1, |e| {
+                // ResourceSpans.resource
                 e.message(1, |e| {
-                    e.string(1, SCOPE);
-                    e.string(2, env!("CARGO_PKG_VERSION"));
+                    for kv in resource.iter().chain(run[0].live_resource.iter()) {
+                        e.attribute(1, kv);
+                    }
                 });
-                for span in spans {
-                    e.message(2, |e| e.span(span));
-                }
+                // ResourceSpans.scope_spans
+                e.message(2, |e| {
+                    e.message(1, |e| {
+                        e.string(1, SCOPE);
+                        e.string(2, env!("CARGO_PKG_VERSION"));
+                    });
+                    for span in run {
+                        e.message(2, |e| e.span(span));
+                    }
+                });
             });
-        });
+        }
         &self.buf
     }
 
@@ -202,11 +207,11 @@ mod tests {
     use smallvec::smallvec;
 
     use super::*;
-    use crate::telemetry::span::Event;
+    use crate::telemetry::span::{Event, LiveResource};
 
     const T0: u64 = 1_795_000_000_123_456_789;
 
-    fn record(n: u8) -> SpanRecord {
+    fn record(n: u8, live: &LiveResource) -> SpanRecord {
         SpanRecord {
             trace_id: u128::from_be_bytes([n; 16]),
             span_id: u64::from_be_bytes([n + 1; 8]),
@@ -234,7 +239,18 @@ mod tests {
                 Vec::new()
             },
             error: (n == 1).then_some(Cow::Borrowed("EIO")),
+            live_resource: live.clone(),
         }
+    }
+
+    fn pod(name: &str) -> LiveResource {
+        Arc::new([("k8s.pod.name", Value::Shared(name.into()))])
+    }
+
+    fn string(s: &str) -> Option<AnyValue> {
+        Some(AnyValue {
+            value: Some(any_value::Value::StringValue(s.into())),
+        })
     }
 
     fn kv(key: &str, value: any_value::Value) -> KeyValue {
@@ -298,7 +314,8 @@ mod tests {
             ("service.name", Value::Static("interposer-fs")),
             ("interposer.volume.id", Value::Shared("pvc-1".into())),
         ];
-        let spans = [record(0), record(1)];
+        let app = pod("app-0");
+        let spans = [record(0, &app), record(1, &app)];
         let mut encoder = Encoder::default();
         let ours = ExportTraceServiceRequest::decode(encoder.request(&resource, &spans))
             .expect("our bytes decode");
@@ -313,6 +330,10 @@ mod tests {
                         kv(
                             "interposer.volume.id",
                             any_value::Value::StringValue("pvc-1".into()),
+                        ),
+                        kv(
+                            "k8s.pod.name",
+                            any_value::Value::StringValue("app-0".into()),
                         ),
                     ],
                     ..Default::default()
@@ -335,5 +356,34 @@ mod tests {
         let again = ExportTraceServiceRequest::decode(encoder.request(&resource, &spans[..1]))
             .expect("the second batch decodes");
         assert_eq!(again.resource_spans[0].scope_spans[0].spans, [expected(0)]);
+    }
+
+    #[test]
+    fn spans_from_before_and_after_a_pod_change_go_under_their_own_resource() {
+        let resource = [("interposer.volume.id", Value::Static("pvc-1"))];
+        let (a, b) = (pod("app-0"), pod("app-1"));
+        let spans = [record(0, &a), record(1, &a), record(0, &b)];
+        let mut encoder = Encoder::default();
+        let got = ExportTraceServiceRequest::decode(encoder.request(&resource, &spans))
+            .expect("our bytes decode");
+        let runs: Vec<(Vec<Option<AnyValue>>, usize)> = got
+            .resource_spans
+            .iter()
+            .map(|rs| {
+                let attrs = rs
+                    .resource
+                    .as_ref()
+                    .map_or(vec![], |r| r.attributes.clone());
+                let values = attrs.into_iter().map(|kv| kv.value).collect();
+                (values, rs.scope_spans[0].spans.len())
+            })
+            .collect();
+        assert_eq!(
+            runs,
+            [
+                (vec![string("pvc-1"), string("app-0")], 2),
+                (vec![string("pvc-1"), string("app-1")], 1),
+            ]
+        );
     }
 }

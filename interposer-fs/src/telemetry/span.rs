@@ -12,8 +12,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use smallvec::SmallVec;
 
-/// Attributes held in the record itself; an operation span has up to 16.
-pub const INLINE_ATTRS: usize = 16;
+/// Attributes held in the record itself: as many as a traced write has with a throttle wait
+/// (an injected fault on one adds two more, which then go to the heap).
+pub const INLINE_ATTRS: usize = 12;
 
 /// An attribute's value.
 #[derive(Clone, Debug, PartialEq)]
@@ -38,6 +39,11 @@ impl From<Cow<'static, str>> for Value {
 }
 
 pub type Attribute = (&'static str, Value);
+
+/// Resource attributes that can change while the volume runs (the pod using it, learnt at
+/// publish time), as they were when a span started. One allocation per change, shared by every
+/// span recorded under it; the exporter sends them with its fixed resource attributes.
+pub type LiveResource = Arc<[Attribute]>;
 
 /// Something that happened during a span, with one attribute.
 #[derive(Clone, Debug, PartialEq)]
@@ -64,6 +70,7 @@ pub struct SpanRecord {
     pub events: Vec<Event>,
     /// The error status's description; `None` leaves the status unset.
     pub error: Option<Cow<'static, str>>,
+    pub live_resource: LiveResource,
 }
 
 /// Now, as a Unix time in nanoseconds (the unit OTLP speaks).
