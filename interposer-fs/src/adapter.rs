@@ -74,7 +74,7 @@ impl CacheConfig {
 const INVALIDATION_WAIT: Duration = Duration::from_millis(100);
 
 /// The shortest interval between two checks of the open files for changes behind the mount
-/// (with `cache.ttl=0s`): each check costs one `fstat` per open file.
+/// (with `cacheTTL=0s`): each check costs one `fstat` per open file.
 const RECHECK_MIN: Duration = Duration::from_millis(100);
 
 /// A file whose cached pages are stale, and who waits for them to be dropped.
@@ -89,7 +89,7 @@ type Invalidation = (u64, mpsc::SyncSender<()>);
 /// next read would fetch them again. The daemon knows which changes are its own
 /// (`InodeData::tell`) and has the others dropped:
 /// - before it answers with the new attributes (a lookup, `stat`, open…), on a worker's request;
-/// - for the files held open, every `cache.ttl` (at least [`RECHECK_MIN`]): a read does not ask
+/// - for the files held open, every `cacheTTL` (at least [`RECHECK_MIN`]): a read does not ask
 ///   for attributes, so a process reading a file it keeps open would otherwise never see a
 ///   change made behind the mount (with FUSE_AUTO_INVAL_DATA the kernel asked on a read once
 ///   the attributes had expired).

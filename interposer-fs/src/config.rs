@@ -8,9 +8,8 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
-use crate::params::{ParamError, VolumeParams, is_volume_key, parse_duration};
+use crate::params::{ParamError, VolumeParams, is_volume_key};
 
 /// Threads reading `/dev/fuse`. One caller waiting on one request at a time still goes faster
 /// with more threads queued on the device: on a 2-CPU VM, a `getxattr` round trip ran 10% and a
@@ -43,10 +42,6 @@ pub const DAEMON_KEYS: &[(&str, &str)] = &[
     (
         "control",
         "a file of key=value lines read on SIGUSR1 to change a running volume (capacity, podName, podNamespace)",
-    ),
-    (
-        "cache.ttl",
-        "how long the kernel may cache names (also absent ones) and attributes, e.g. 1s, 0s (default 1s)",
     ),
     (
         "allow_other",
@@ -98,7 +93,6 @@ pub struct DaemonConfig {
     pub capacity: Option<u64>,
     /// Live settings file, read on SIGUSR1.
     pub control: Option<PathBuf>,
-    pub cache_ttl: Duration,
     pub allow_other: bool,
     pub read_only: bool,
     pub identity: Identity,
@@ -129,7 +123,6 @@ impl DaemonConfig {
             uring: true,
             capacity: None,
             control: None,
-            cache_ttl: Duration::from_secs(1),
             allow_other: true,
             read_only: false,
         };
@@ -178,7 +171,6 @@ impl DaemonConfig {
                     c.capacity = Some(crate::params::parse_quantity(key, need("a quantity")?)?)
                 }
                 "control" => c.control = Some(PathBuf::from(need("a file path")?)),
-                "cache.ttl" => c.cache_ttl = parse_duration(key, need("a duration")?)?,
                 "allow_other" if value.is_none() => c.allow_other = true,
                 "allow_root_only" if value.is_none() => c.allow_other = false,
                 "ro" if value.is_none() => c.read_only = true,
@@ -266,7 +258,7 @@ mod tests {
             ("threads=x", "threads"),
             ("ro=yes", "ro"),
             ("kernelPassthrough=maybe", "kernelPassthrough"),
-            ("cache.ttl=forever", "cache.ttl"),
+            ("cacheTTL=forever", "cacheTTL"),
             ("uring=maybe", "uring"),
             ("bogus=1", "bogus"),
             ("layers", "layers"),

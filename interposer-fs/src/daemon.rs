@@ -221,7 +221,7 @@ fn prepare(c: &DaemonConfig) -> Result<Prepared, DaemonError> {
         passthrough.clone(),
         Stack::new(layers),
         CacheConfig {
-            ttl: c.cache_ttl,
+            ttl: p.cache_ttl,
             page_cache: p.page_cache,
         },
         c.kernel_passthrough,
@@ -467,9 +467,14 @@ impl Signals {
             }
         };
         let old = &self.tunable.params;
-        if p.layers != old.layers || p.trace != old.trace || p.backend != old.backend {
+        if p.layers != old.layers
+            || p.trace != old.trace
+            || p.backend != old.backend
+            || p.page_cache != old.page_cache
+            || p.cache_ttl != old.cache_ttl
+        {
             eprintln!(
-                "interposer-fs: control: layers, trace.* and backend apply at the next mount only"
+                "interposer-fs: control: layers, trace.*, pageCache, cacheTTL and backend apply at the next mount only"
             );
         }
         if let Some(f) = &self.tunable.fault {

@@ -174,6 +174,10 @@ pub struct VolumeParams {
     /// `(namespace, name)` of an existing PVC to wrap.
     pub backing_claim: Option<(String, String)>,
     pub page_cache: PageCache,
+    /// How long the kernel may trust a name (also an absent one) and attributes it was given.
+    /// Changes made to SOURCE behind the mount show after at most this long; changes made
+    /// through the mount show at once, so a volume nothing else writes can trust them long.
+    pub cache_ttl: Duration,
     pub trace: TraceParams,
     pub fault: FaultParams,
     pub throttle: ThrottleParams,
@@ -187,6 +191,7 @@ impl Default for VolumeParams {
             backing_storage_class: None,
             backing_claim: None,
             page_cache: PageCache::Keep,
+            cache_ttl: DEFAULT_CACHE_TTL,
             trace: TraceParams::default(),
             fault: FaultParams::default(),
             throttle: ThrottleParams {
@@ -196,6 +201,9 @@ impl Default for VolumeParams {
         }
     }
 }
+
+/// `cacheTTL`'s default: a change made to SOURCE behind the mount shows within a second.
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(1);
 
 /// The keys of the contract with their accepted form, in the order `--help` shows them.
 pub const KEYS: &[(&str, &str)] = &[
@@ -215,6 +223,10 @@ pub const KEYS: &[(&str, &str)] = &[
     (
         "pageCache",
         "keep (cached pages survive reopening, as natively), dropOnOpen (every read after an open reaches the layers) or writeback (keep, and writes are cached and reach the layers merged, by close or fsync at the latest) (default keep)",
+    ),
+    (
+        "cacheTTL",
+        "duration up to 1h (0s: ask every time) the kernel trusts names, also absent ones, and attributes; changes made through the mount show at once, changes made to SOURCE behind it after at most this long (default 1s)",
     ),
     ("trace.sampleRatio", "number in 0..1 (default 1)"),
     (
@@ -332,6 +344,7 @@ impl VolumeParams {
                         }
                     }
                 }
+                "cacheTTL" => p.cache_ttl = parse_duration(key, v)?,
                 "trace.sampleRatio" => p.trace.sample_ratio = parse_ratio(key, v)?,
                 "trace.ops" => p.trace.ops = parse_ops(key, v)?,
                 "trace.fileSpans" => p.trace.file_spans = parse_bool(key, v)?,
@@ -632,6 +645,7 @@ mod tests {
         assert_eq!(p.throttle.burst, 1.0);
         assert!(p.throttle.is_unlimited());
         assert_eq!(p.page_cache, PageCache::Keep);
+        assert_eq!(p.cache_ttl, Duration::from_secs(1));
         assert!(p.trace.file_spans);
     }
 
@@ -654,9 +668,11 @@ mod tests {
             ("throttle.writeIOPS", "50"),
             ("throttle.burst", "0.5"),
             ("pageCache", "dropOnOpen"),
+            ("cacheTTL", "1m"),
         ])
         .unwrap();
         assert_eq!(p.page_cache, PageCache::DropOnOpen);
+        assert_eq!(p.cache_ttl, Duration::from_secs(60));
         assert_eq!(p.layers[0], LayerKind::Throttle);
         assert_eq!(p.trace.sample_ratio, 0.25);
         assert!(p.trace.ops.contains(Op::Read) && !p.trace.ops.contains(Op::Open));
@@ -680,6 +696,8 @@ mod tests {
             ("backend", "nfs"),
             ("backingClaim", "no-slash"),
             ("pageCache", "sometimes"),
+            ("cacheTTL", "forever"),
+            ("cacheTTL", "2h"),
             ("backingClaim", "NS/x"),
             ("backingStorageClass", "Bad_Name"),
             ("trace.sampleRatio", "1.5"),

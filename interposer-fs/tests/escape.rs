@@ -40,7 +40,7 @@ fn racing_a_directory_into_an_escaping_symlink_never_reaches_the_outside_file() 
     let v = common::Volume::start_in(
         "s/source",
         "m/mnt",
-        &["layers=trace,metrics,fault,throttle", "cache.ttl=0s"],
+        &["layers=trace,metrics,fault,throttle", "cacheTTL=0s"],
         &[],
     );
     let victim_dir = v.dir.path().join("s/outside");

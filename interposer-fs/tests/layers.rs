@@ -302,7 +302,7 @@ fn cached_pages_follow_source(transport: &str) {
     let v = Volume::start(&[
         "layers=metrics",
         "metrics.address=127.0.0.1:0",
-        "cache.ttl=0s",
+        "cacheTTL=0s",
         transport,
     ]);
     let ours = vec![b'a'; 8192];
@@ -342,7 +342,7 @@ fn cached_pages_follow_source(transport: &str) {
     );
 
     // A reader that keeps the file open asks for no attributes: the daemon checks open files
-    // itself (every cache.ttl, here its floor of 100 ms).
+    // itself (every cacheTTL, here its floor of 100 ms).
     let last = vec![b'd'; 8192];
     behind(&v, &last, 1 << 32);
     let deadline = Instant::now() + Duration::from_secs(3);
@@ -373,7 +373,7 @@ fn an_absent_name_is_asked_for_once_and_creating_it_shows_at_once() {
     let v = Volume::start(&[
         "layers=metrics",
         "metrics.address=127.0.0.1:0",
-        "cache.ttl=30s",
+        "cacheTTL=30s",
     ]);
     let before = operations(&v, "lookup");
     for _ in 0..100 {
@@ -387,6 +387,34 @@ fn an_absent_name_is_asked_for_once_and_creating_it_shows_at_once() {
     fs::write(v.path("missing"), b"here").unwrap();
     assert_eq!(fs::read(v.path("missing")).unwrap(), b"here");
     assert_eq!(fs::metadata(v.path("missing")).unwrap().len(), 4);
+}
+
+/// Round trips (LOOKUP and GETATTR) a `stat` of a known file costs once `wait` has passed.
+fn round_trips_of_a_stat_after(ttl: &str, wait: Duration) -> f64 {
+    let ttl = format!("cacheTTL={ttl}");
+    let v = Volume::start(&["layers=metrics", "metrics.address=127.0.0.1:0", &ttl]);
+    fs::write(v.path("f"), b"data").unwrap();
+    fs::metadata(v.path("f")).unwrap();
+    std::thread::sleep(wait);
+    let asked = |v: &Volume| operations(v, "lookup") + operations(v, "getattr");
+    let before = asked(&v);
+    assert_eq!(fs::metadata(v.path("f")).unwrap().len(), 4);
+    asked(&v) - before
+}
+
+#[test]
+fn cache_ttl_decides_whether_a_later_stat_asks_the_daemon() {
+    let wait = Duration::from_millis(1500);
+    // The name's LOOKUP, and a GETATTR of the directory for the permission to search it.
+    assert!(
+        round_trips_of_a_stat_after("1s", wait) >= 1.0,
+        "past 1s the kernel asks again"
+    );
+    assert_eq!(
+        round_trips_of_a_stat_after("1m", wait),
+        0.0,
+        "within cacheTTL the kernel answers itself"
+    );
 }
 
 #[test]
@@ -420,7 +448,7 @@ fn an_injected_enoent_is_not_remembered_by_the_kernel() {
         "fault.ops=lookup",
         "fault.errno=ENOENT",
         "fault.probability=1",
-        "cache.ttl=30s",
+        "cacheTTL=30s",
         &ctl,
     ]);
     fs::write(v.source_path("f"), b"data").unwrap();

@@ -227,7 +227,7 @@ impl Passthrough {
     }
 
     /// The kernel looks a name up when it first meets it, and again each time its entry expires
-    /// (`cache.ttl`). The name then usually still names the node it knew: two calls by name
+    /// (`cacheTTL`). The name then usually still names the node it knew: two calls by name
     /// (`fstatat`, `name_to_handle_at`) tell, instead of four that open the object (see
     /// `InodeTable::revisit`). A name first met costs the `fstatat` more; without file handles
     /// there is nothing to match, and the object is opened at once.
