@@ -467,14 +467,14 @@ impl Signals {
             }
         };
         let old = &self.tunable.params;
-        if p.layers != old.layers
-            || p.trace != old.trace
-            || p.backend != old.backend
-            || p.page_cache != old.page_cache
-            || p.cache_ttl != old.cache_ttl
-        {
+        let beyond_fault_and_throttle = VolumeParams {
+            fault: old.fault.clone(),
+            throttle: old.throttle.clone(),
+            ..p.clone()
+        };
+        if beyond_fault_and_throttle != *old {
             eprintln!(
-                "interposer-fs: control: layers, trace.*, pageCache, cacheTTL and backend apply at the next mount only"
+                "interposer-fs: control: only fault.* and throttle.* change a running volume; the other keys apply at the next mount"
             );
         }
         if let Some(f) = &self.tunable.fault {
