@@ -8,6 +8,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, Weak, mpsc};
@@ -17,13 +18,15 @@ use fuser::{
     BackingId, CopyFileRangeFlags, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
     ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags, WritePayload,
 };
 use parking_lot::Mutex;
 
 use crate::fs::errno::{Errno, FsResult};
 use crate::fs::op::{Caller, Op, OpInfo, OpSet, Outcome, ResolvePaths};
-use crate::fs::passthrough::{Attr, DirEntry, Entry, Passthrough, SetAttrs, SetTime, Xattr};
+use crate::fs::passthrough::{
+    Attr, DirEntry, Entry, Passthrough, SetAttrs, SetTime, WriteData, Xattr,
+};
 use crate::layers::Stack;
 use crate::params::PageCache;
 
@@ -68,6 +71,36 @@ impl CacheConfig {
         }
     }
 }
+
+/// A WRITE's data left in the worker's pipe by the kernel (`-o splice=on`), spliced into the
+/// backing file. A file the kernel cannot splice into (`O_APPEND`, or `O_DIRECT` with pages
+/// it cannot use) gets the data through a buffer instead.
+struct Spliced<'a>(&'a WritePayload<'a>);
+
+impl WriteData for Spliced<'_> {
+    fn size(&self) -> usize {
+        self.0.len()
+    }
+
+    fn write_at(&self, fd: BorrowedFd<'_>, offset: u64) -> FsResult<usize> {
+        match self.0.splice_to(fd, offset) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                let mut buf = vec![0; self.0.len()];
+                self.0.read_into(&mut buf)?;
+                buf.write_at(fd, offset)
+            }
+            r => Ok(r?),
+        }
+    }
+}
+
+/// The largest WRITE the kernel sends. A 1 MiB application write then arrives as two requests,
+/// and the data's copies (the caller's buffer, the kernel's pages, the daemon's buffer or pipe,
+/// the backing file's pages) stay within a core's cache: 1 MiB sequential writes through
+/// `/dev/fuse` ran 1,600 MiB/s with 1 MiB requests, 2,100 with 512 KiB and 1,750 with 256 KiB
+/// (write-through, no layers, on the 2-core benchmark VM). It also lets a worker's pipe hold a
+/// whole request without raising the system's pipe size limit (see `-o splice`).
+const MAX_WRITE: u32 = 512 * 1024;
 
 /// How long a FUSE worker waits for the kernel to drop a file's stale pages before it answers
 /// anyway (see [`PageInvalidator`]).
@@ -398,6 +431,30 @@ impl Interposer {
         }
     }
 
+    /// A WRITE, its data in a buffer or still in the worker's pipe.
+    #[allow(clippy::too_many_arguments)]
+    fn write_from(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &(impl WriteData + ?Sized),
+        write_flags: WriteFlags,
+        reply: ReplyWrite,
+    ) {
+        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().path(ino.0), None);
+        let info = self
+            .info(Op::Write, req, ino.0, &resolve)
+            .with_fh(fh.0)
+            .with_range(offset, data.size() as u64);
+        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        match self.run(&info, || self.fs.write(fh.0, offset, data, kill)) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
     /// Register `fh`'s descriptor as the kernel passthrough backing file of node `ino`,
     /// sharing one backing id per node as the kernel requires.
     fn backing_for(
@@ -433,6 +490,9 @@ impl Interposer {
 impl Filesystem for Interposer {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        config.set_max_write(MAX_WRITE).map_err(|max| {
+            std::io::Error::other(format!("fuser takes writes of {max} bytes at most"))
+        })?;
         // Who drops kept pages when SOURCE changes a file (see `PageInvalidator`).
         if self.stale_pages.is_some() {
             config
@@ -743,16 +803,22 @@ impl Filesystem for Interposer {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let resolve = |_: &OpInfo<'_>| (self.fs.inodes().path(ino.0), None);
-        let info = self
-            .info(Op::Write, req, ino.0, &resolve)
-            .with_fh(fh.0)
-            .with_range(offset, data.len() as u64);
-        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
-        match self.run(&info, || self.fs.write(fh.0, offset, data, kill)) {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(errno(e)),
-        }
+        self.write_from(req, ino, fh, offset, data, write_flags, reply);
+    }
+
+    fn write_spliced(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &WritePayload<'_>,
+        write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        self.write_from(req, ino, fh, offset, &Spliced(data), write_flags, reply);
     }
 
     fn flush(

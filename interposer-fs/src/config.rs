@@ -36,6 +36,10 @@ pub const DAEMON_KEYS: &[(&str, &str)] = &[
         "on or off: serve FUSE over io_uring, two threads per CPU, when the kernel offers it (fuse module parameter enable_uring=Y); /dev/fuse otherwise (default on)",
     ),
     (
+        "splice",
+        "on or off: over /dev/fuse, move the data of large writes from the kernel to SOURCE with splice(2), never copying it through the daemon (default on)",
+    ),
+    (
         "capacity",
         "volume size as a quantity (10Gi): writes past it fail with ENOSPC, df shows it (default: none)",
     ),
@@ -89,6 +93,8 @@ pub struct DaemonConfig {
     pub threads: usize,
     /// Serve FUSE over io_uring when the kernel offers it.
     pub uring: bool,
+    /// Over `/dev/fuse`, splice large writes' data into SOURCE.
+    pub splice: bool,
     /// Bytes the volume may hold (enforced by the passthrough).
     pub capacity: Option<u64>,
     /// Live settings file, read on SIGUSR1.
@@ -121,6 +127,7 @@ impl DaemonConfig {
             kernel_passthrough: false,
             threads: DEFAULT_THREADS,
             uring: true,
+            splice: true,
             capacity: None,
             control: None,
             allow_other: true,
@@ -160,12 +167,9 @@ impl DaemonConfig {
                         .filter(|n| (1..=64).contains(n))
                         .ok_or_else(|| bad("an integer in 1..64"))?
                 }
-                "uring" => {
-                    c.uring = match need("on or off")? {
-                        "on" => true,
-                        "off" => false,
-                        _ => return Err(bad("on or off")),
-                    }
+                "uring" => c.uring = on_off(need("on or off")?).ok_or_else(|| bad("on or off"))?,
+                "splice" => {
+                    c.splice = on_off(need("on or off")?).ok_or_else(|| bad("on or off"))?
                 }
                 "capacity" => {
                     c.capacity = Some(crate::params::parse_quantity(key, need("a quantity")?)?)
@@ -220,6 +224,14 @@ fn label(key: &str, v: &str) -> Result<String, ParamError> {
     Ok(v.to_string())
 }
 
+fn on_off(value: &str) -> Option<bool> {
+    match value {
+        "on" => Some(true),
+        "off" => Some(false),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,6 +250,7 @@ mod tests {
             "ro",
             "threads=8",
             "uring=off",
+            "splice=off",
             "pvcName=data",
         ])
         .unwrap();
@@ -246,6 +259,7 @@ mod tests {
         assert!(c.read_only);
         assert_eq!(c.threads, 8);
         assert!(!c.uring, "uring=off keeps the daemon on /dev/fuse");
+        assert!(!c.splice);
         assert_eq!(c.identity.volume_id, "vol1");
         assert_eq!(c.identity.pvc_name.as_deref(), Some("data"));
     }
@@ -260,6 +274,7 @@ mod tests {
             ("kernelPassthrough=maybe", "kernelPassthrough"),
             ("cacheTTL=forever", "cacheTTL"),
             ("uring=maybe", "uring"),
+            ("splice=yes", "splice"),
             ("bogus=1", "bogus"),
             ("layers", "layers"),
         ] {

@@ -269,6 +269,7 @@ pub fn run(c: DaemonConfig) -> Result<(), DaemonError> {
     let mut config = fuser::Config::default();
     config.n_threads = Some(c.threads);
     config.clone_fd = true;
+    config.splice_write = c.splice;
     if c.uring {
         config.io_uring_queue_threads = URING_THREADS_PER_CPU;
     }

@@ -88,6 +88,106 @@ fn exercise_from_every_cpu(options: &[&str]) {
     }
 }
 
+/// Bytes the daemon `pid` has taken in through `read`-like system calls (its `rchar`).
+fn bytes_read_by(pid: u32) -> u64 {
+    let io = fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no rchar in /proc/{pid}/io:\n{io}"))
+}
+
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(31) ^ seed) as u8)
+        .collect()
+}
+
+/// Over `/dev/fuse`, the data of large writes goes from the kernel to SOURCE by splice: it
+/// arrives intact (at an offset that is not page-aligned, and appended with `O_APPEND`, which
+/// the kernel cannot splice into and which the daemon writes from a buffer instead), and the
+/// daemon does not read it (its read count grows by far less than was written); with
+/// `splice=off` it reads every byte.
+#[test]
+fn over_dev_fuse_large_writes_are_spliced_not_read() {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    const CHUNK: usize = 1 << 20;
+    const CHUNKS: usize = 64;
+    for splice in [true, false] {
+        let v = Volume::start(&[
+            "layers=trace,metrics",
+            "uring=off",
+            if splice { "splice=on" } else { "splice=off" },
+        ]);
+        let data = pattern(CHUNK * CHUNKS, 1);
+        let f = fs::File::create(v.path("big")).unwrap();
+        let before = bytes_read_by(v.pid());
+        for (i, chunk) in data.chunks(CHUNK).enumerate() {
+            f.write_all_at(chunk, 100 + (i * CHUNK) as u64).unwrap();
+        }
+        let read = bytes_read_by(v.pid()) - before;
+        drop(f);
+        let back = fs::read(v.source_path("big")).unwrap();
+        assert!(back[..100].iter().all(|&b| b == 0));
+        assert!(
+            back[100..] == data[..],
+            "splice={splice}: SOURCE holds what was written"
+        );
+        let written = data.len() as u64;
+        if splice {
+            assert!(
+                read < written / 8,
+                "spliced, yet the daemon read {read} of {written} bytes"
+            );
+        } else {
+            assert!(
+                read >= written,
+                "splice=off, yet the daemon read only {read} of {written} bytes"
+            );
+        }
+
+        let tail = pattern(3 * CHUNK, 2);
+        let mut a = fs::OpenOptions::new()
+            .append(true)
+            .open(v.path("big"))
+            .unwrap();
+        a.write_all(&tail).unwrap();
+        drop(a);
+        let back = fs::read(v.path("big")).unwrap();
+        assert_eq!(back.len(), 100 + data.len() + tail.len());
+        assert!(
+            back[100 + data.len()..] == tail[..],
+            "splice={splice}: appended data"
+        );
+    }
+}
+
+/// A large write that a layer fails never reaches SOURCE, and its data, left in the worker's
+/// pipe, does not leak into the requests after it.
+#[test]
+fn over_dev_fuse_a_failed_large_write_leaves_the_next_requests_whole() {
+    let v = Volume::start(&[
+        "layers=fault",
+        "fault.ops=write",
+        "fault.paths=*.fail",
+        "fault.probability=1",
+        "uring=off",
+    ]);
+    let big = pattern(1 << 20, 3);
+    for round in 0..4 {
+        let err = fs::write(v.path("x.fail"), &big).expect_err("the fault layer fails the write");
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "round {round}");
+        let ok = pattern((1 << 20) + round * 4096, round as u32);
+        fs::write(v.path("x.ok"), &ok).unwrap();
+        assert!(
+            fs::read(v.source_path("x.ok")).unwrap() == ok,
+            "round {round}"
+        );
+        assert_eq!(fs::metadata(v.source_path("x.fail")).unwrap().len(), 0);
+    }
+}
+
 #[test]
 fn over_io_uring_every_cpus_queue_answers() {
     exercise_from_every_cpu(&["layers=trace,metrics"]);

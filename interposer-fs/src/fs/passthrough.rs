@@ -121,6 +121,25 @@ const SECURITY_CAPABILITY: &CStr = c"security.capability";
 const STRIP_OPEN_FLAGS: i32 =
     libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC | libc::O_DIRECT;
 
+/// The data of a write: a buffer, or (from the adapter) a payload the kernel left in a pipe,
+/// which goes on to the backing file without being copied through the daemon.
+pub trait WriteData {
+    /// Bytes to write.
+    fn size(&self) -> usize;
+    /// Write the data into `fd` at `offset`, as `pwrite` does: how much was written.
+    fn write_at(&self, fd: BorrowedFd<'_>, offset: u64) -> FsResult<usize>;
+}
+
+impl WriteData for [u8] {
+    fn size(&self) -> usize {
+        self.len()
+    }
+
+    fn write_at(&self, fd: BorrowedFd<'_>, offset: u64) -> FsResult<usize> {
+        sys::pwrite(fd, self, offset)
+    }
+}
+
 pub struct Passthrough {
     inodes: InodeTable,
     handles: Handles,
@@ -544,7 +563,13 @@ impl Passthrough {
     /// Write `data`. `kill_suidgid` is the kernel's request (FUSE_WRITE_KILL_SUIDGID) to drop
     /// set-user-ID and set-group-ID as a write by an unprivileged caller does; like the kernel,
     /// any write also removes file capabilities.
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8], kill_suidgid: bool) -> FsResult<u32> {
+    pub fn write(
+        &self,
+        fh: u64,
+        offset: u64,
+        data: &(impl WriteData + ?Sized),
+        kill_suidgid: bool,
+    ) -> FsResult<u32> {
         let f = self.fd_of(fh)?;
         if kill_suidgid {
             let st = sys::fstat(f.fd.as_fd())?;
@@ -563,8 +588,8 @@ impl Passthrough {
                 Err(e) => return Err(e),
             }
         }
-        let written = self.metered(f.fd.as_fd(), offset, data.len() as u64, || {
-            sys::pwrite(f.fd.as_fd(), data, offset).map(|n| n as u32)
+        let written = self.metered(f.fd.as_fd(), offset, data.size() as u64, || {
+            data.write_at(f.fd.as_fd(), offset).map(|n| n as u32)
         });
         f.node.wrote();
         written

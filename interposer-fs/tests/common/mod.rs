@@ -185,10 +185,14 @@ impl Volume {
             .unwrap_or_else(|| panic!("no metrics address in daemon output:\n{log}"))
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon is running").id()
+    }
+
     /// Send `sig` to the daemon.
     pub fn signal(&self, sig: i32) {
-        let pid = self.child.as_ref().expect("daemon is running").id();
-        unsafe { libc::kill(pid as i32, sig) };
+        unsafe { libc::kill(self.pid() as i32, sig) };
     }
 
     /// Write `text` to the control file at `control`, signal the daemon, and wait until it logs

@@ -75,6 +75,7 @@ pub use crate::reply::ReplyWrite;
 pub use crate::reply::ReplyXattr;
 pub use crate::request_param::Request;
 pub use crate::session::BackgroundSession;
+pub use crate::splice::WritePayload;
 use crate::session::MAX_WRITE_SIZE;
 pub use crate::session::Session;
 pub use crate::session::SessionACL;
@@ -100,6 +101,7 @@ mod reply;
 mod request;
 mod request_param;
 mod session;
+mod splice;
 mod time;
 mod uring;
 
@@ -637,6 +639,38 @@ pub trait Filesystem: Send + Sync + 'static {
             data.len()
         );
         reply.error(Errno::ENOSYS);
+    }
+
+    /// Write data that is still in the worker's pipe (see [`Config::splice_write`]): `data`
+    /// can be spliced into a file without passing through user memory. By default it is read
+    /// out and handed to [`write`](Self::write). Added for csi-interposer, see PATCHES.md.
+    fn write_spliced(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &WritePayload<'_>,
+        write_flags: WriteFlags,
+        flags: OpenFlags,
+        lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let mut buf = vec![0; data.len()];
+        match data.read_into(&mut buf) {
+            Ok(()) => self.write(
+                req,
+                ino,
+                fh,
+                offset,
+                &buf,
+                write_flags,
+                flags,
+                lock_owner,
+                reply,
+            ),
+            Err(e) => reply.error(Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))),
+        }
     }
 
     /// Flush method.

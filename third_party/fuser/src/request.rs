@@ -27,6 +27,7 @@ use crate::reply::ReplyRaw;
 use crate::reply::ReplySender;
 use crate::session::SessionACL;
 use crate::session::SessionEventLoop;
+use crate::splice::WritePayload;
 
 /// Request data structure
 #[derive(Debug)]
@@ -55,8 +56,17 @@ impl<'a> RequestWithSender<'a> {
     /// This calls the appropriate filesystem operation method for the
     /// request and sends back the returned reply to the kernel
     pub(crate) fn dispatch<FS: Filesystem>(&self, se: &SessionEventLoop<FS>) {
+        self.dispatch_with(se, None);
+    }
+
+    /// Dispatch a request whose WRITE payload, if `payload` is given, is still in a pipe.
+    pub(crate) fn dispatch_with<FS: Filesystem>(
+        &self,
+        se: &SessionEventLoop<FS>,
+        payload: Option<&WritePayload<'_>>,
+    ) {
         debug!("{} thread={}", self.request, se.thread_name);
-        match self.dispatch_req(se) {
+        match self.dispatch_req(se, payload) {
             Ok(Some(resp)) => self.reply::<ReplyRaw>().send_ll(&resp),
             Ok(None) => {}
             Err(errno) => self.reply::<ReplyRaw>().send_ll(&ResponseErrno(errno)),
@@ -66,6 +76,7 @@ impl<'a> RequestWithSender<'a> {
     fn dispatch_req<FS: Filesystem>(
         &self,
         se: &SessionEventLoop<FS>,
+        payload: Option<&WritePayload<'_>>,
     ) -> Result<Option<ResponseData>, Errno> {
         let op = self.request.operation().map_err(|_| Errno::ENOSYS)?;
         // Implement allow_root & access check for auto_unmount
@@ -245,8 +256,19 @@ impl<'a> RequestWithSender<'a> {
                     self.reply(),
                 );
             }
-            ll::Operation::Write(x) => {
-                filesystem.write(
+            ll::Operation::Write(x) => match payload {
+                Some(data) => filesystem.write_spliced(
+                    self.request_header(),
+                    self.request.nodeid(),
+                    x.file_handle(),
+                    x.offset()?,
+                    data,
+                    x.write_flags(),
+                    x.flags(),
+                    x.lock_owner(),
+                    self.reply(),
+                ),
+                None => filesystem.write(
                     self.request_header(),
                     self.request.nodeid(),
                     x.file_handle(),
@@ -256,8 +278,8 @@ impl<'a> RequestWithSender<'a> {
                     x.flags(),
                     x.lock_owner(),
                     self.reply(),
-                );
-            }
+                ),
+            },
             ll::Operation::Flush(x) => {
                 filesystem.flush(
                     self.request_header(),

@@ -48,6 +48,8 @@ use crate::reply::Reply;
 use crate::reply::ReplyRaw;
 use crate::reply::ReplySender;
 use crate::request::RequestWithSender;
+use crate::splice::Adaptive;
+use crate::splice::SplicePipe;
 
 /// The max size of write requests from the kernel. The absolute minimum is 4k,
 /// FUSE recommends at least 128k, max 16M. The FUSE default is 16M on macOS
@@ -141,6 +143,8 @@ pub struct Session<FS: Filesystem> {
     pub(crate) config: Config,
     /// Payload size of io_uring entries, when the kernel took FUSE over io_uring at INIT.
     pub(crate) uring_payload: Option<usize>,
+    /// The largest request the kernel may send (taken at INIT).
+    pub(crate) max_request: usize,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -189,6 +193,7 @@ impl<FS: Filesystem> Session<FS> {
             proto_version: None,
             config: options.clone(),
             uring_payload: None,
+            max_request: 0,
         };
 
         session.handshake()?;
@@ -218,6 +223,7 @@ impl<FS: Filesystem> Session<FS> {
             proto_version: None,
             config,
             uring_payload: None,
+            max_request: 0,
         };
 
         session.handshake()?;
@@ -257,6 +263,7 @@ impl<FS: Filesystem> Session<FS> {
             proto_version: _,
             config,
             uring_payload,
+            max_request,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -304,6 +311,7 @@ impl<FS: Filesystem> Session<FS> {
                 ch,
                 allowed,
                 session_owner,
+                splice_write: config.splice_write.then_some(max_request),
             };
             threads.push(
                 thread::Builder::new()
@@ -327,6 +335,7 @@ impl<FS: Filesystem> Session<FS> {
                         ch: device.clone(),
                         allowed,
                         session_owner,
+                        splice_write: None,
                     };
                     let device = device.sender();
                     threads.push(thread::Builder::new().name(thread_name).spawn(move || {
@@ -459,6 +468,7 @@ impl<FS: Filesystem> Session<FS> {
                 return Err(error);
             }
 
+            self.max_request = crate::splice::request_size(config.max_write, config.max_pages());
             if self.config.io_uring_queue_threads > 0 {
                 match config.add_capabilities(InitFlags::FUSE_OVER_IO_URING) {
                     Ok(()) => {
@@ -566,6 +576,9 @@ pub(crate) struct SessionEventLoop<FS: Filesystem> {
     pub(crate) filesystem: Arc<FilesystemHolder<FS>>,
     pub(crate) allowed: SessionACL,
     pub(crate) session_owner: Uid,
+    /// Receive through a pipe that holds requests of this size (`Config::splice_write`);
+    /// `/dev/fuse` workers only.
+    pub(crate) splice_write: Option<usize>,
 }
 
 impl<FS: Filesystem> SessionEventLoop<FS> {
@@ -574,28 +587,46 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
         // it is reused immediately after dispatching to conserve memory and allocations.
         let mut buf = FuseReadBuf::new();
         let buf = buf.as_mut();
+        let pipe = if let Some(request_size) = self.splice_write {
+            SplicePipe::new(request_size)
+                .inspect_err(|e| warn!("{}: requests are read, not spliced: {e}", self.thread_name))
+                .ok()
+        } else {
+            None
+        };
+        let mut adaptive = Adaptive::default();
         loop {
             // Read the next request from the given channel to kernel driver
             // The kernel driver makes sure that we get exactly one request per read
-            match self.ch.receive_retrying(buf) {
-                Ok(size) => match RequestWithSender::new(ReplySender::Channel(self.ch.sender()), &buf[..size]) {
-                    // Dispatch request
-                    Some(req) => {
-                        if let Ok(Operation::Destroy(_)) = req.request.operation() {
-                            req.reply::<ReplyEmpty>().ok();
-                            return Ok(());
-                        } else {
-                            req.dispatch(self)
+            let received = match &pipe {
+                Some(pipe) if adaptive.splice_next() => pipe.receive(self.ch.as_fd(), buf),
+                _ => self.ch.receive_retrying(buf).map(|size| (size, None)),
+            };
+            match received {
+                Ok((size, payload)) => {
+                    adaptive.received(buf, size, payload.is_some());
+                    match RequestWithSender::new(ReplySender::Channel(self.ch.sender()), &buf[..size]) {
+                        // Dispatch request
+                        Some(req) => {
+                            if let Ok(Operation::Destroy(_)) = req.request.operation() {
+                                req.reply::<ReplyEmpty>().ok();
+                                return Ok(());
+                            } else {
+                                req.dispatch_with(self, payload.as_ref())
+                            }
+                        }
+                        // Quit loop on illegal request
+                        None => {
+                            return Err(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                "Invalid request",
+                            ));
                         }
                     }
-                    // Quit loop on illegal request
-                    None => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            "Invalid request",
-                        ));
+                    if let Some(payload) = payload {
+                        payload.discard(buf)?;
                     }
-                },
+                }
                 Err(nix::errno::Errno::ENODEV) => return Ok(()),
                 Err(err) => return Err(err.into()),
             }

@@ -22,6 +22,10 @@ pub struct Config {
     /// offers it (the `fuse` module's `enable_uring`); 0 keeps `/dev/fuse` only. Added for
     /// csi-interposer, see PATCHES.md.
     pub io_uring_queue_threads: usize,
+    /// Receive requests from `/dev/fuse` through a pipe per worker, so that large writes
+    /// reach [`crate::Filesystem::write_spliced`] with their data still in the pipe. Added for
+    /// csi-interposer, see PATCHES.md.
+    pub splice_write: bool,
 }
 
 /// Mount options accepted by the FUSE filesystem type
