@@ -6,8 +6,8 @@
 //! references to the pages that hold the written data. A worker reads the header and
 //! arguments out of the pipe; a WRITE of at least [`SPLICE_MIN`] bytes leaves its payload in
 //! the pipe as a [`WritePayload`], anything else is read out whole and dispatched as usual.
-//! Splicing costs a second system call per request (splice, then read), so a worker only
-//! splices while the requests it receives are large writes ([`Adaptive`]).
+//! Splicing costs a second system call per request (splice, then read), so a worker splices
+//! only from a large write until a run of small requests ([`Adaptive`]).
 
 use std::cell::Cell;
 use std::io;
@@ -34,7 +34,7 @@ const WRITE_HEAD: usize = size_of::<abi::fuse_in_header>() + size_of::<abi::fuse
 
 /// The largest request the kernel sends, for the `max_write` and `max_pages` of INIT.
 pub(crate) fn request_size(max_write: u32, max_pages: u16) -> usize {
-    let data = (max_write as usize).min(usize::from(max_pages) * page_size());
+    let data = (max_write as usize).min(usize::from(max_pages) * page_size::get());
     WRITE_HEAD + data
 }
 
@@ -56,7 +56,7 @@ impl SplicePipe {
         let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
         // One page for the header and arguments, one per page of data, one more in case the
         // data does not start on a page boundary.
-        let want = request_size + 2 * page_size();
+        let want = request_size + 2 * page_size::get();
         let got = fcntl(&write, FcntlArg::F_SETPIPE_SZ(want as i32))?;
         if (got as usize) < want {
             return Err(io::Error::other(format!(
@@ -239,11 +239,4 @@ fn opcode(buf: &[u8]) -> Option<u32> {
 
 fn put_u32(buf: &mut [u8], at: usize, v: u32) {
     buf[at..at + 4].copy_from_slice(&v.to_ne_bytes());
-}
-
-fn page_size() -> usize {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .map_or(4096, |p| p as usize)
 }
