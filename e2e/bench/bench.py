@@ -4,7 +4,10 @@ passthrough_hp, in one run.
 
 Every configuration is mounted at once over its own directory on the same filesystem; each
 repetition runs every workload on every configuration in turn (interleaved), so a noisy machine
-affects all of them alike. The table shows the median of the repetitions and the ratio to native.
+affects all of them alike. The table shows the median of the repetitions and the ratio to native;
+a second table gives the issue's targets as ratios of two configurations of the same run. Each
+sample starts after `sync` (what the run before left dirty is written back first), and the
+hypervisor's steal time during it is recorded.
 The order of the configurations is shuffled for each workload and repetition (seeded, so a run
 can be repeated). On this VM the first fill of the page cache after a few idle seconds costs
 the kernel several times the CPU of the same fill right after another (writing 2 GiB: 0.4 s
@@ -697,7 +700,7 @@ def sample_spread(samples):
     return max(samples) / min(samples) if len(samples) > 1 and min(samples) > 0 else 1.0
 
 
-def report(a, configs, wl, results, extra, reps, stolen=()):
+def report(a, configs, wl, results, extra, reps, stolen):
     """Print the table and the figures, write the JSON; fail if a cell is missing."""
     names = [n for n, _ in configs]
     table = {}
