@@ -270,6 +270,7 @@ pub fn run(c: DaemonConfig) -> Result<(), DaemonError> {
     config.n_threads = Some(c.threads);
     config.clone_fd = true;
     config.splice_write = c.splice;
+    config.spin = c.spin;
     if c.uring {
         config.io_uring_queue_threads = URING_THREADS_PER_CPU;
     }

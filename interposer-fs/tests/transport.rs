@@ -240,3 +240,104 @@ fn over_io_uring_a_request_that_blocks_leaves_its_cpu_served() {
         "the delay applied ({took:?})"
     );
 }
+
+/// Whether each of the daemon `pid`'s `/dev/fuse` descriptors is non-blocking now.
+fn dev_fuse_nonblocking(pid: u32) -> Vec<bool> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let entry = entry.unwrap();
+        if fs::read_link(entry.path()).ok().as_deref() != Some(std::path::Path::new("/dev/fuse")) {
+            continue;
+        }
+        let fd = entry.file_name().to_string_lossy().into_owned();
+        // A descriptor closed since the listing is simply not counted.
+        let Ok(info) = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")) else {
+            continue;
+        };
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+            .unwrap_or_else(|| panic!("no flags in fdinfo of fd {fd}:\n{info}"));
+        found.push(flags & libc::O_NONBLOCK as u32 != 0);
+    }
+    found
+}
+
+/// CPU time the process `pid` has used, in clock ticks (user + system).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which ends with the last ')': utime and stime are the
+    // 12th and 13th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Over `/dev/fuse`, the worker that has just replied polls the device for the next request
+/// (`spin`): while a caller sends one request after another, a worker's descriptor is seen
+/// non-blocking. Once the caller stops, every worker sleeps in a blocking read and the daemon
+/// uses no CPU. With `spin=0s` no descriptor is ever non-blocking.
+#[test]
+fn over_dev_fuse_a_worker_polls_between_requests_and_sleeps_when_idle() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    for spin in ["1ms", "0s"] {
+        let v = Volume::start(&["layers=", "uring=off", "threads=4", &format!("spin={spin}")]);
+        fs::write(v.path("f"), b"x").unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let caller = {
+            let stop = stop.clone();
+            let path =
+                std::ffi::CString::new(v.path("f").into_os_string().into_encoded_bytes()).unwrap();
+            std::thread::spawn(move || {
+                let mut rounds = 0u64;
+                let mut buf = [0u8; 16];
+                while !stop.load(Ordering::Relaxed) {
+                    // An absent name: one round trip to the daemon each time.
+                    let rc = unsafe {
+                        libc::getxattr(
+                            path.as_ptr(),
+                            c"user.none".as_ptr(),
+                            buf.as_mut_ptr().cast(),
+                            16,
+                        )
+                    };
+                    assert_eq!(rc, -1);
+                    rounds += 1;
+                }
+                rounds
+            })
+        };
+        let mut seen = false;
+        for _ in 0..1000 {
+            if dev_fuse_nonblocking(v.pid()).contains(&true) {
+                seen = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let rounds = caller.join().unwrap();
+        assert!(rounds > 0);
+        assert_eq!(
+            seen,
+            spin != "0s",
+            "spin={spin}: a worker was seen polling during {rounds} round trips"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        let idle = dev_fuse_nonblocking(v.pid());
+        assert_eq!(
+            idle,
+            vec![false; 4],
+            "spin={spin}: idle, all four workers block"
+        );
+        let before = cpu_ticks(v.pid());
+        std::thread::sleep(Duration::from_secs(1));
+        let used = cpu_ticks(v.pid()) - before;
+        assert!(
+            used <= 2,
+            "spin={spin}: idle for 1 s, the daemon used {used} ticks of CPU"
+        );
+    }
+}

@@ -32,16 +32,18 @@ impl Channel {
     }
 
     /// Receives data up to the capacity of the given buffer (can block),
-    /// retrying on errors that are safe to retry (ENOENT, EINTR, EAGAIN).
+    /// retrying on errors that are safe to retry (ENOENT, EINTR).
     ///
     /// - ENOENT: Operation interrupted. According to FUSE, this is safe to retry.
     /// - EINTR: Interrupted system call, retry.
-    /// - EAGAIN: Explicitly instructed to try again.
+    ///
+    /// EAGAIN (nothing queued on a non-blocking descriptor, see `crate::spin`) is returned to
+    /// the caller, who decides whether to read again.
     pub(crate) fn receive_retrying(&self, buffer: &mut [u8]) -> nix::Result<usize> {
         loop {
             match self.receive(buffer) {
                 Ok(size) => return Ok(size),
-                Err(Errno::ENOENT | Errno::EINTR | Errno::EAGAIN) => continue,
+                Err(Errno::ENOENT | Errno::EINTR) => continue,
                 Err(err) => return Err(err),
             }
         }

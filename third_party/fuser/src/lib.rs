@@ -101,6 +101,7 @@ mod reply;
 mod request;
 mod request_param;
 mod session;
+mod spin;
 mod splice;
 mod time;
 mod uring;

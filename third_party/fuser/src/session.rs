@@ -50,6 +50,8 @@ use crate::reply::ReplySender;
 use crate::request::RequestWithSender;
 use crate::splice::Adaptive;
 use crate::splice::SplicePipe;
+use crate::spin::Spin;
+use crate::spin::SpinPolicy;
 
 /// The max size of write requests from the kernel. The absolute minimum is 4k,
 /// FUSE recommends at least 128k, max 16M. The FUSE default is 16M on macOS
@@ -303,6 +305,14 @@ impl<FS: Filesystem> Session<FS> {
 
         let mut threads = Vec::with_capacity(n_threads);
 
+        // Workers toggle O_NONBLOCK on their own descriptor, so only with one each; over
+        // io_uring the device carries little but forgets and interrupts.
+        let spin = if uring_payload.is_none() && (config.clone_fd || n_threads == 1) {
+            SpinPolicy::new(config.spin)
+        } else {
+            SpinPolicy::default()
+        };
+
         for (i, ch) in channels.into_iter().enumerate() {
             let thread_name = format!("fuser-{i}");
             let event_loop = SessionEventLoop {
@@ -312,6 +322,7 @@ impl<FS: Filesystem> Session<FS> {
                 allowed,
                 session_owner,
                 splice_write: config.splice_write.then_some(max_request),
+                spin: spin.clone(),
             };
             threads.push(
                 thread::Builder::new()
@@ -336,6 +347,7 @@ impl<FS: Filesystem> Session<FS> {
                         allowed,
                         session_owner,
                         splice_write: None,
+                        spin: SpinPolicy::default(),
                     };
                     let device = device.sender();
                     threads.push(thread::Builder::new().name(thread_name).spawn(move || {
@@ -379,6 +391,7 @@ impl<FS: Filesystem> Session<FS> {
             // Read the init request from the kernel
             let size = match self.ch.receive_retrying(buf) {
                 Ok(size) => size,
+                Err(nix::errno::Errno::EAGAIN) => continue,
                 Err(nix::errno::Errno::ENODEV) => {
                     return Err(io::Error::new(
                         io::ErrorKind::NotConnected,
@@ -579,6 +592,8 @@ pub(crate) struct SessionEventLoop<FS: Filesystem> {
     /// Receive through a pipe that holds requests of this size (`Config::splice_write`);
     /// `/dev/fuse` workers only.
     pub(crate) splice_write: Option<usize>,
+    /// Poll the device a moment after each reply (`Config::spin`); `/dev/fuse` workers only.
+    pub(crate) spin: SpinPolicy,
 }
 
 impl<FS: Filesystem> SessionEventLoop<FS> {
@@ -595,13 +610,22 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
             None
         };
         let mut adaptive = Adaptive::default();
+        let mut spin = Spin::new(&self.spin, self.ch.as_fd())?;
         loop {
             // Read the next request from the given channel to kernel driver
             // The kernel driver makes sure that we get exactly one request per read
-            let received = match &pipe {
-                Some(pipe) if adaptive.splice_next() => pipe.receive(self.ch.as_fd(), buf),
-                _ => self.ch.receive_retrying(buf).map(|size| (size, None)),
+            spin.begin()?;
+            let received = loop {
+                let received = match &pipe {
+                    Some(pipe) if adaptive.splice_next() => pipe.receive(self.ch.as_fd(), buf),
+                    _ => self.ch.receive_retrying(buf).map(|size| (size, None)),
+                };
+                match received {
+                    Err(nix::errno::Errno::EAGAIN) => spin.again()?,
+                    received => break received,
+                }
             };
+            spin.end();
             match received {
                 Ok((size, payload)) => {
                     adaptive.received(buf, size, payload.is_some());

@@ -73,6 +73,7 @@ impl SplicePipe {
     /// Receive the next request from `dev` into `buf` (see the module doc). Returns the
     /// length of the request in `buf` and, for a large WRITE, its payload left in the pipe;
     /// the header in `buf` then says the payload is empty, and the payload says how long it is.
+    /// EAGAIN (a non-blocking device with nothing queued) is returned, as by a read.
     pub(crate) fn receive<'a>(
         &'a self,
         dev: BorrowedFd<'_>,
@@ -82,7 +83,7 @@ impl SplicePipe {
             let len = self.request_size.min(buf.len());
             match nix::fcntl::splice(dev, None, &self.write, None, len, SpliceFFlags::empty()) {
                 Ok(n) => break n,
-                Err(Errno::ENOENT | Errno::EINTR | Errno::EAGAIN) => continue,
+                Err(Errno::ENOENT | Errno::EINTR) => continue,
                 Err(e) => return Err(e),
             }
         };

@@ -26,6 +26,11 @@ pub struct Config {
     /// reach [`crate::Filesystem::write_spliced`] with their data still in the pipe. Added for
     /// csi-interposer, see PATCHES.md.
     pub splice_write: bool,
+    /// How long a `/dev/fuse` worker that has just replied keeps polling the device for the
+    /// next request before sleeping, one worker at a time (see `crate::spin`); zero, the
+    /// default, never polls. Needs `clone_fd` with more than one thread; not used once INIT
+    /// settles on io_uring. Added for csi-interposer, see PATCHES.md.
+    pub spin: std::time::Duration,
 }
 
 /// Mount options accepted by the FUSE filesystem type
