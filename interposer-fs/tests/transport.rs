@@ -276,22 +276,39 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 /// Over `/dev/fuse`, the worker that has just replied polls the device for the next request
 /// (`spin`): while a caller sends one request after another, a worker's descriptor is seen
-/// non-blocking. Once the caller stops, every worker sleeps in a blocking read and the daemon
-/// uses no CPU. With `spin=0s` no descriptor is ever non-blocking.
+/// non-blocking. Once requests stop, every worker sleeps in a blocking read and the daemon uses
+/// no CPU. With `spin=0s` no descriptor is ever non-blocking.
 #[test]
 fn over_dev_fuse_a_worker_polls_between_requests_and_sleeps_when_idle() {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     for spin in ["1ms", "0s"] {
         let v = Volume::start(&["layers=", "uring=off", "threads=4", &format!("spin={spin}")]);
+        let idle = |when: &str| {
+            std::thread::sleep(Duration::from_millis(100));
+            assert_eq!(
+                dev_fuse_nonblocking(v.pid()),
+                vec![false; 4],
+                "spin={spin}, {when}: all four workers block"
+            );
+            let before = cpu_ticks(v.pid());
+            std::thread::sleep(Duration::from_secs(1));
+            let used = cpu_ticks(v.pid()) - before;
+            assert!(
+                used <= 2,
+                "spin={spin}, {when}: idle for 1 s, the daemon used {used} ticks of CPU"
+            );
+        };
         fs::write(v.path("f"), b"x").unwrap();
+        idle("after a write");
+
         let stop = Arc::new(AtomicBool::new(false));
+        let rounds = Arc::new(AtomicU64::new(0));
         let caller = {
-            let stop = stop.clone();
+            let (stop, rounds) = (stop.clone(), rounds.clone());
             let path =
                 std::ffi::CString::new(v.path("f").into_os_string().into_encoded_bytes()).unwrap();
             std::thread::spawn(move || {
-                let mut rounds = 0u64;
                 let mut buf = [0u8; 16];
                 while !stop.load(Ordering::Relaxed) {
                     // An absent name: one round trip to the daemon each time.
@@ -304,40 +321,27 @@ fn over_dev_fuse_a_worker_polls_between_requests_and_sleeps_when_idle() {
                         )
                     };
                     assert_eq!(rc, -1);
-                    rounds += 1;
+                    rounds.fetch_add(1, Ordering::Relaxed);
                 }
-                rounds
             })
         };
-        let mut seen = false;
-        for _ in 0..1000 {
-            if dev_fuse_nonblocking(v.pid()).contains(&true) {
-                seen = true;
-                break;
-            }
+        let t = Instant::now();
+        while rounds.load(Ordering::Relaxed) < 100 && t.elapsed() < Duration::from_secs(10) {
             std::thread::sleep(Duration::from_millis(1));
         }
+        let seen = (0..1000).any(|_| {
+            std::thread::sleep(Duration::from_millis(1));
+            dev_fuse_nonblocking(v.pid()).contains(&true)
+        });
         stop.store(true, Ordering::Relaxed);
-        let rounds = caller.join().unwrap();
-        assert!(rounds > 0);
+        caller.join().unwrap();
+        let rounds = rounds.load(Ordering::Relaxed);
+        assert!(rounds >= 100, "spin={spin}: only {rounds} round trips");
         assert_eq!(
             seen,
             spin != "0s",
             "spin={spin}: a worker was seen polling during {rounds} round trips"
         );
-        std::thread::sleep(Duration::from_millis(100));
-        let idle = dev_fuse_nonblocking(v.pid());
-        assert_eq!(
-            idle,
-            vec![false; 4],
-            "spin={spin}: idle, all four workers block"
-        );
-        let before = cpu_ticks(v.pid());
-        std::thread::sleep(Duration::from_secs(1));
-        let used = cpu_ticks(v.pid()) - before;
-        assert!(
-            used <= 2,
-            "spin={spin}: idle for 1 s, the daemon used {used} ticks of CPU"
-        );
+        idle("after the round trips");
     }
 }
