@@ -2,12 +2,16 @@
 //!
 //! FUSE workers only push finished spans ([`SpanRecord`]) into a bounded [`SpanQueue`]; when
 //! the collector is slow or gone, the queue fills and spans are dropped (and counted), never
-//! I/O. One export thread of its own takes the queue's spans in batches, encodes each batch
+//! I/O. The queue holds its spans in segments of one batch, so the export thread takes one
+//! batch at a time and the spans in memory never exceed the queue's bound plus the batch
+//! being sent (a queue swapped out whole held up to twice the bound, plus the copies of its
+//! growing vector). One export thread of its own takes the queue's spans in batches, encodes each batch
 //! itself (`otlp_wire`) and sends the bytes as one unary gRPC call, driving a single-threaded
 //! Tokio runtime only for the call. The OpenTelemetry SDK is not used: it cost each span a
 //! heap object built on the worker and dropped on its batch thread, measured as most of what
 //! tracing cost the daemon.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -64,43 +68,80 @@ pub struct SpanQueue {
     counters: SpanCounters,
 }
 
+#[derive(Default)]
 struct QueueState {
-    spans: Vec<SpanRecord>,
+    /// Oldest first; each holds at most `BATCH` spans and has room for that many, and only
+    /// the last is not full.
+    segments: VecDeque<Vec<SpanRecord>>,
+    /// Spans in `segments`.
+    len: usize,
+    /// A sent batch's emptied vector, for the next segment: a steady stream of spans
+    /// allocates nothing.
+    spare: Option<Vec<SpanRecord>>,
     /// Set at shutdown: the last spans must be sent by then.
     closing: Option<Instant>,
 }
 
 impl SpanQueue {
+    fn new(counters: SpanCounters) -> Self {
+        SpanQueue {
+            state: Mutex::default(),
+            wake: Condvar::new(),
+            counters,
+        }
+    }
+
     /// Queue a finished span, or drop it if the queue is full. Never blocks for longer than
-    /// a push onto a vector.
+    /// a push onto a vector (and, once per batch, taking a segment).
     pub fn push(&self, span: SpanRecord) {
         self.counters.recorded.inc();
-        let mut state = self.state.lock();
-        let len = state.spans.len();
-        if len >= QUEUE {
-            drop(state);
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
+        if state.len >= QUEUE {
+            drop(guard);
             self.counters.dropped.inc();
             return;
         }
-        state.spans.push(span);
-        drop(state);
-        if len == 0 || len + 1 == BATCH {
+        if state.segments.back().is_none_or(|s| s.len() == BATCH) {
+            let segment = state
+                .spare
+                .take()
+                .unwrap_or_else(|| Vec::with_capacity(BATCH));
+            state.segments.push_back(segment);
+        }
+        let Some(segment) = state.segments.back_mut() else {
+            return; // unreachable: a segment was just made
+        };
+        segment.push(span);
+        let full = segment.len() == BATCH;
+        state.len += 1;
+        let first = state.len == 1;
+        drop(guard);
+        if first || full {
             self.wake.notify_one();
         }
     }
 
     /// Wait until there is a batch to send (full, or `DELAY` after this thread found the queue
-    /// not empty) or the queue is closing, then swap the queued spans into `batch`. Returns
-    /// when the queue closes, by which time the spans must be sent, if it is closing.
+    /// not empty) or the queue is closing, then hand over the oldest segment as `batch`, whose
+    /// vector (emptied by the caller) is kept for reuse. Returns when the queue closes, by
+    /// which time the spans must be sent, if it is closing; `batch` is then empty once the
+    /// queue is.
     fn take(&self, batch: &mut Vec<SpanRecord>) -> Option<Instant> {
         let mut state = self.state.lock();
-        while state.spans.is_empty() && state.closing.is_none() {
+        while state.len == 0 && state.closing.is_none() {
             self.wake.wait(&mut state);
         }
-        if state.spans.len() < BATCH && state.closing.is_none() {
+        if state.len < BATCH && state.closing.is_none() {
             self.wake.wait_for(&mut state, DELAY);
         }
-        std::mem::swap(&mut state.spans, batch);
+        if let Some(segment) = state.segments.pop_front() {
+            state.len -= segment.len();
+            let sent = std::mem::replace(batch, segment);
+            if state.spare.is_none() && sent.capacity() == BATCH {
+                state.spare = Some(sent);
+            }
+        }
         state.closing
     }
 }
@@ -145,14 +186,7 @@ impl SpanExport {
             ),
         ];
         attributes.extend(resource);
-        let queue = Arc::new(SpanQueue {
-            state: Mutex::new(QueueState {
-                spans: Vec::new(),
-                closing: None,
-            }),
-            wake: Condvar::new(),
-            counters: counters.clone(),
-        });
+        let queue = Arc::new(SpanQueue::new(counters.clone()));
         let exporter = GrpcExporter {
             channel,
             runtime,
@@ -195,21 +229,20 @@ struct GrpcExporter {
 }
 
 impl GrpcExporter {
-    /// The export thread: batches until the queue closes.
+    /// The export thread: batches until the queue closes and is empty.
     fn run(mut self, queue: &SpanQueue) {
         let mut batch = Vec::new();
         loop {
             let closing = queue.take(&mut batch);
-            for chunk in batch.chunks(BATCH) {
+            if batch.is_empty() && closing.is_some() {
+                return;
+            }
+            if !batch.is_empty() {
                 let deadline = Instant::now() + TIMEOUT;
-                self.export(chunk, closing.map_or(deadline, |c| c.min(deadline)));
+                self.export(&batch, closing.map_or(deadline, |c| c.min(deadline)));
             }
             // Dropped here, on this thread, not on a worker.
             batch.clear();
-            batch.shrink_to(BATCH);
-            if closing.is_some() {
-                return;
-            }
         }
     }
 
@@ -310,5 +343,69 @@ impl Decoder for RawCodec {
         let n = bytes::Buf::remaining(src);
         bytes::Buf::advance(src, n);
         Ok(Some(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(id: u64) -> SpanRecord {
+        SpanRecord {
+            trace_id: 1,
+            span_id: id,
+            parent_id: 0,
+            name: "write",
+            start: 0,
+            end: 1,
+            attributes: Default::default(),
+            events: Vec::new(),
+            error: None,
+            live_resource: Arc::new([]),
+        }
+    }
+
+    /// Take everything from a closing queue, as the export thread does.
+    fn drain(queue: &SpanQueue) -> Vec<Vec<u64>> {
+        queue.state.lock().closing = Some(Instant::now());
+        let mut batches = Vec::new();
+        let mut batch = Vec::new();
+        loop {
+            queue.take(&mut batch);
+            if batch.is_empty() {
+                return batches;
+            }
+            batches.push(batch.iter().map(|s| s.span_id).collect());
+            batch.clear();
+        }
+    }
+
+    #[test]
+    fn spans_leave_in_order_one_batch_at_a_time() {
+        let queue = SpanQueue::new(SpanCounters::default());
+        let n = 2 * BATCH as u64 + 5;
+        (0..n).for_each(|i| queue.push(span(i)));
+        let batches = drain(&queue);
+        let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [BATCH, BATCH, 5]);
+        assert!(batches.concat().into_iter().eq(0..n));
+        let state = queue.state.lock();
+        assert_eq!(state.len, 0);
+        assert!(
+            state.spare.is_some(),
+            "a sent batch's vector is kept for reuse"
+        );
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_what_does_not_fit() {
+        let counters = SpanCounters::default();
+        let queue = SpanQueue::new(counters.clone());
+        (0..QUEUE as u64 + 10).for_each(|i| queue.push(span(i)));
+        assert_eq!(counters.recorded.get(), QUEUE as u64 + 10);
+        assert_eq!(counters.dropped.get(), 10);
+        let batches = drain(&queue);
+        assert_eq!(batches.len(), QUEUE / BATCH);
+        assert!(batches.concat().into_iter().eq(0..QUEUE as u64));
     }
 }
