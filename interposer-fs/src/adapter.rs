@@ -74,7 +74,7 @@ impl CacheConfig {
 
 /// A WRITE's data left in the worker's pipe by the kernel (`-o splice=on`), spliced into the
 /// backing file. A file the kernel cannot splice into (`O_APPEND`, or `O_DIRECT` with pages
-/// it cannot use) gets the data through a buffer instead.
+/// it cannot use) gets the data through the worker's buffer instead.
 struct Spliced<'a>(&'a WritePayload<'a>);
 
 impl WriteData for Spliced<'_> {
@@ -85,9 +85,11 @@ impl WriteData for Spliced<'_> {
     fn write_at(&self, fd: BorrowedFd<'_>, offset: u64) -> FsResult<usize> {
         match self.0.splice_to(fd, offset) {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                let mut buf = vec![0; self.0.len()];
-                self.0.read_into(&mut buf)?;
-                buf.write_at(fd, offset)
+                WORKER_BUFFER.with_borrow_mut(|buf| {
+                    let buf = worker_buffer(buf, self.0.len());
+                    self.0.read_into(buf)?;
+                    buf.write_at(fd, offset)
+                })
             }
             r => Ok(r?),
         }
@@ -172,9 +174,18 @@ impl PageInvalidator {
 }
 
 thread_local! {
-    /// Each FUSE worker's buffer for READ replies: grown (and zeroed) once to the largest
-    /// read asked for (at most `max_read`, 1 MiB), not allocated and zeroed per request.
-    static READ_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Each FUSE worker's buffer for READ replies and for the data of a spliced WRITE that
+    /// cannot be spliced on: grown (and zeroed) once to the largest request (at most
+    /// `max_read`, 1 MiB), not allocated and zeroed per request.
+    static WORKER_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The first `size` bytes of a worker's buffer, grown if need be.
+fn worker_buffer(buf: &mut Vec<u8>, size: usize) -> &mut [u8] {
+    if buf.len() < size {
+        buf.resize(size, 0);
+    }
+    &mut buf[..size]
 }
 
 /// The mounted filesystem: passthrough + layers, as fuser sees it.
@@ -778,12 +789,8 @@ impl Filesystem for Interposer {
             .info(Op::Read, req, ino.0, &resolve)
             .with_fh(fh.0)
             .with_range(offset, size as u64);
-        READ_BUFFER.with_borrow_mut(|buf| {
-            let size = size as usize;
-            if buf.len() < size {
-                buf.resize(size, 0);
-            }
-            let buf = &mut buf[..size];
+        WORKER_BUFFER.with_borrow_mut(|buf| {
+            let buf = worker_buffer(buf, size as usize);
             match self.run(&info, || self.fs.read(fh.0, offset, buf).map(BytesRead)) {
                 Ok(BytesRead(n)) => reply.data(&buf[..n]),
                 Err(e) => reply.error(errno(e)),
