@@ -2,14 +2,12 @@
 //!
 //! FUSE workers only push finished spans ([`SpanRecord`]) into a bounded [`SpanQueue`]; when
 //! the collector is slow or gone, the queue fills and spans are dropped (and counted), never
-//! I/O. The queue holds its spans in segments of one batch, so the export thread takes one
-//! batch at a time and the spans in memory never exceed the queue's bound plus the batch
-//! being sent (a queue swapped out whole held up to twice the bound, plus the copies of its
-//! growing vector). One export thread of its own takes the queue's spans in batches, encodes each batch
-//! itself (`otlp_wire`) and sends the bytes as one unary gRPC call, driving a single-threaded
-//! Tokio runtime only for the call. The OpenTelemetry SDK is not used: it cost each span a
-//! heap object built on the worker and dropped on its batch thread, measured as most of what
-//! tracing cost the daemon.
+//! I/O. The queue keeps its spans in segments of one batch. One export thread of its own takes
+//! a segment at a time (so the spans in memory never exceed the queue's bound plus the batch
+//! being sent), encodes it itself (`otlp_wire`) and sends the bytes as one unary gRPC call,
+//! driving a single-threaded Tokio runtime only for the call. The OpenTelemetry SDK is not
+//! used: it cost each span a heap object built on the worker and dropped on its batch thread,
+//! measured as most of what tracing cost the daemon.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -102,18 +100,22 @@ impl SpanQueue {
             self.counters.dropped.inc();
             return;
         }
-        if state.segments.back().is_none_or(|s| s.len() == BATCH) {
-            let segment = state
-                .spare
-                .take()
-                .unwrap_or_else(|| Vec::with_capacity(BATCH));
-            state.segments.push_back(segment);
-        }
-        let Some(segment) = state.segments.back_mut() else {
-            return; // unreachable: a segment was just made
+        let full = match state.segments.back_mut() {
+            Some(segment) if segment.len() < BATCH => {
+                segment.push(span);
+                segment.len() == BATCH
+            }
+            _ => {
+                let mut segment = state
+                    .spare
+                    .take()
+                    .unwrap_or_else(|| Vec::with_capacity(BATCH));
+                segment.push(span);
+                let full = segment.len() == BATCH;
+                state.segments.push_back(segment);
+                full
+            }
         };
-        segment.push(span);
-        let full = segment.len() == BATCH;
         state.len += 1;
         let first = state.len == 1;
         drop(guard);
@@ -138,7 +140,7 @@ impl SpanQueue {
         if let Some(segment) = state.segments.pop_front() {
             state.len -= segment.len();
             let sent = std::mem::replace(batch, segment);
-            if state.spare.is_none() && sent.capacity() == BATCH {
+            if state.spare.is_none() && sent.capacity() >= BATCH {
                 state.spare = Some(sent);
             }
         }
