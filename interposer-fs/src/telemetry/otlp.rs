@@ -73,9 +73,11 @@ struct QueueState {
     segments: VecDeque<Vec<SpanRecord>>,
     /// Spans in `segments`.
     len: usize,
-    /// A sent batch's emptied vector, for the next segment: a steady stream of spans
-    /// allocates nothing.
-    spare: Option<Vec<SpanRecord>>,
+    /// Sent batches' emptied vectors, for the next segments. Vectors are recycled, never
+    /// freed: freeing and allocating them again from the FUSE workers' own allocator arenas
+    /// let the daemon's resident memory grow to twice the queue's worth. So there are never
+    /// more than the queue's segments plus the batch in flight.
+    free: Vec<Vec<SpanRecord>>,
     /// Set at shutdown: the last spans must be sent by then.
     closing: Option<Instant>,
 }
@@ -107,8 +109,8 @@ impl SpanQueue {
             }
             _ => {
                 let mut segment = state
-                    .spare
-                    .take()
+                    .free
+                    .pop()
                     .unwrap_or_else(|| Vec::with_capacity(BATCH));
                 segment.push(span);
                 let full = segment.len() == BATCH;
@@ -140,8 +142,8 @@ impl SpanQueue {
         if let Some(segment) = state.segments.pop_front() {
             state.len -= segment.len();
             let sent = std::mem::replace(batch, segment);
-            if state.spare.is_none() && sent.capacity() >= BATCH {
-                state.spare = Some(sent);
+            if sent.capacity() >= BATCH {
+                state.free.push(sent);
             }
         }
         state.closing
@@ -393,9 +395,10 @@ mod tests {
         assert!(batches.concat().into_iter().eq(0..n));
         let state = queue.state.lock();
         assert_eq!(state.len, 0);
-        assert!(
-            state.spare.is_some(),
-            "a sent batch's vector is kept for reuse"
+        assert_eq!(
+            state.free.len(),
+            2,
+            "sent batches' vectors are kept for reuse"
         );
     }
 
