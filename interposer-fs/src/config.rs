@@ -20,9 +20,9 @@ pub const DEFAULT_THREADS: usize = 8;
 
 /// How long the worker that has just replied polls `/dev/fuse` for the next request before
 /// sleeping (`fuser::Config::spin`). On a 2-CPU VM, waking a sleeping worker cost as much as
-/// the request: with 5 µs, 4 KiB random writes went from 82,000 to 122,000-136,000 a second,
-/// creates, stats and unlinks 7-30% faster, and the daemon's CPU per write rose from 5.6 to
-/// 6.9 µs (three interleaved rounds; 20 and 100 µs were no faster and cost more).
+/// the request: with 5 µs, 4 KiB random writes went from 84,000-92,000 to 139,000-152,000 a
+/// second, round trips 20-30% faster, and the daemon's CPU per write rose from 5.0 to 5.2 µs
+/// (three interleaved rounds; 2 µs was too short, 20 and 100 µs were no faster and cost more).
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(5);
 
 /// The longest `spin` accepted: past that, sleeping is cheaper than polling anywhere.
