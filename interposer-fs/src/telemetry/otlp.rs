@@ -238,13 +238,12 @@ impl GrpcExporter {
         let mut batch = Vec::new();
         loop {
             let closing = queue.take(&mut batch);
-            if batch.is_empty() && closing.is_some() {
+            // `take` waits for spans unless the queue is closing: empty means closed and sent.
+            if batch.is_empty() {
                 return;
             }
-            if !batch.is_empty() {
-                let deadline = Instant::now() + TIMEOUT;
-                self.export(&batch, closing.map_or(deadline, |c| c.min(deadline)));
-            }
+            let deadline = Instant::now() + TIMEOUT;
+            self.export(&batch, closing.map_or(deadline, |c| c.min(deadline)));
             // Dropped here, on this thread, not on a worker.
             batch.clear();
         }
